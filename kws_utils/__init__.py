@@ -1,0 +1,1 @@
+"""kws_utils: the shared code of the keyword-spotting course, one module per stage."""

@@ -1,0 +1,118 @@
+"""The one place for every course setting: paths, profile, dataset choice, seeds, labels.
+
+Each setting can be overridden with an environment variable, so the same notebooks run the full
+course (default profile) and the quick CI check (``KWS_PROFILE=ci``) unchanged.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+# MLPerf Tiny KWS label order (the reference model's output index is the position here).
+LABELS: tuple[str, ...] = (
+    "down", "go", "left", "no", "off", "on", "right", "stop", "up", "yes", "silence", "unknown",
+)
+KEYWORDS: tuple[str, ...] = LABELS[:10]
+SILENCE_INDEX = LABELS.index("silence")
+UNKNOWN_INDEX = LABELS.index("unknown")
+# All 35 words of Speech Commands v2; the 25 that are not keywords form the "unknown" class.
+ALL_WORDS: tuple[str, ...] = (
+    "backward", "bed", "bird", "cat", "dog", "down", "eight", "five", "follow", "forward", "four",
+    "go", "happy", "house", "learn", "left", "marvin", "nine", "no", "off", "on", "one", "right",
+    "seven", "sheila", "six", "stop", "three", "tree", "two", "up", "visual", "wow", "yes", "zero",
+)
+BACKGROUND_NOISE_DIR = "_background_noise_"
+
+SAMPLE_RATE = 16_000
+CLIP_SAMPLES = 16_000          # 1 s clips
+FRAME_LENGTH = 480             # 30 ms analysis window
+FRAME_STEP = 320               # 20 ms hop -> 49 frames per clip
+N_FFT = 512
+N_MELS = 40
+N_MFCC = 10
+N_FRAMES = 1 + (CLIP_SAMPLES - FRAME_LENGTH) // FRAME_STEP
+INPUT_SHAPE = (1, N_FRAMES, N_MFCC)   # (channels, frames, coefficients) of one model input
+
+SEED = int(os.environ.get("KWS_SEED", "0"))
+
+
+@dataclass(frozen=True)
+class Profile:
+    """How much work one run of the course does; only the amount changes, never the method."""
+
+    name: str
+    synth_speakers: int          # synthetic dataset: number of distinct synthetic speakers
+    synth_test_per_class: int    # synthetic official test set: clips per class (real one: 408)
+    epochs: int                  # float training epochs (MLPerf: 10)
+    batch_size: int
+    lr: float                    # SGD initial learning rate (cosine-annealed to 0)
+    aug_views: int               # cached augmented copies of the training set, cycled per epoch
+    qat_epochs: int              # QAT fine-tuning epochs per variant
+    qat_lr: float
+    calib_clips: int             # PTQ calibration clips from the validation set
+
+
+PROFILES = {
+    "default": Profile("default", synth_speakers=600, synth_test_per_class=408, epochs=10,
+                       batch_size=100, lr=0.05, aug_views=4, qat_epochs=4, qat_lr=0.005,
+                       calib_clips=1000),
+    "ci": Profile("ci", synth_speakers=60, synth_test_per_class=40, epochs=3,
+                  batch_size=100, lr=0.05, aug_views=2, qat_epochs=2, qat_lr=0.005,
+                  calib_clips=200),
+}
+
+
+def profile() -> Profile:
+    """The active profile, from KWS_PROFILE (``default`` or ``ci``)."""
+    name = os.environ.get("KWS_PROFILE", "default")
+    if name not in PROFILES:
+        raise ValueError(f"KWS_PROFILE={name!r} is not a profile; use one of {sorted(PROFILES)}.")
+    return PROFILES[name]
+
+
+def dataset_choice() -> str:
+    """Which dataset to use, from KWS_DATASET: ``real``, ``synthetic`` or ``auto`` (default)."""
+    choice = os.environ.get("KWS_DATASET", "auto")
+    if choice not in ("real", "synthetic", "auto"):
+        raise ValueError(f"KWS_DATASET={choice!r}: use 'real', 'synthetic' or 'auto'.")
+    return choice
+
+
+def data_root() -> Path:
+    """Where datasets, downloads and feature caches live (KWS_DATA_ROOT, default ./data)."""
+    return Path(os.environ.get("KWS_DATA_ROOT", REPO_ROOT / "data"))
+
+
+def real_data_dir() -> Path:
+    """The extracted Speech Commands v2 folder (KWS_DATA_DIR points to a copy you already have)."""
+    return Path(os.environ.get("KWS_DATA_DIR", data_root() / "speech_commands_v0.02"))
+
+
+def real_test_dir() -> Path:
+    """The extracted official test set (KWS_TEST_DIR overrides)."""
+    return Path(os.environ.get("KWS_TEST_DIR", data_root() / "speech_commands_test_set_v0.02"))
+
+
+def synthetic_data_dir() -> Path:
+    """The generated offline dataset for the active profile (same layout as the real one)."""
+    return data_root() / f"synthetic_speech_commands_{profile().name}"
+
+
+def synthetic_test_dir() -> Path:
+    """The generated offline balanced test set for the active profile."""
+    return data_root() / f"synthetic_speech_commands_test_set_{profile().name}"
+
+
+def artifacts_dir() -> Path:
+    """Where checkpoints, ONNX files and headers go (KWS_ARTIFACTS, default ./artifacts)."""
+    path = Path(os.environ.get("KWS_ARTIFACTS", REPO_ROOT / "artifacts"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def mlperf_dir() -> Path:
+    """The real MLPerf Tiny artifacts (kws01 inputs, reference weights), if present."""
+    return Path(os.environ.get("KWS_MLPERF_DIR", REPO_ROOT.parent / "shared" / "mlperf"))
