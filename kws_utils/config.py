@@ -106,9 +106,14 @@ def synthetic_test_dir() -> Path:
     return data_root() / f"synthetic_speech_commands_test_set_{profile().name}"
 
 
+def output_dir() -> Path:
+    """Where a course run writes everything it makes (KWS_OUTPUT, default ./output)."""
+    return Path(os.environ.get("KWS_OUTPUT", REPO_ROOT / "output"))
+
+
 def artifacts_dir() -> Path:
-    """Where checkpoints, ONNX files and headers go (KWS_ARTIFACTS, default ./artifacts)."""
-    path = Path(os.environ.get("KWS_ARTIFACTS", REPO_ROOT / "artifacts"))
+    """Where checkpoints, ONNX files and C headers go, one folder per profile and dataset."""
+    path = output_dir() / "artifacts" / profile().name
     path.mkdir(parents=True, exist_ok=True)
     return path
 

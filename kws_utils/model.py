@@ -1,6 +1,7 @@
 """Model: the MLPerf Tiny reference DS-CNN and the arithmetic that describes it."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -70,3 +71,76 @@ def reference_model(path: str | Path | None = None) -> DSCNN:
     """The MLPerf reference DS-CNN with its published weights, in eval mode."""
     path = Path(path) if path is not None else config.mlperf_dir() / "kws_dscnn_pb2pth_checkpoint.pth"
     return load_checkpoint(DSCNN(), path).eval()
+
+
+@dataclass
+class LayerStats:
+    """One layer's output shape, parameter count, multiply-accumulates and output activations."""
+
+    name: str
+    kind: str
+    out_shape: tuple[int, ...]
+    params: int
+    macs: int
+    activations: int
+
+
+def _macs(module: nn.Module, inp: torch.Tensor, out: torch.Tensor) -> int:
+    """Multiply-accumulates of one Conv2d/Linear/pool call (batch of one)."""
+    if isinstance(module, nn.Conv2d):
+        kh, kw = module.kernel_size
+        return out.numel() * (module.in_channels // module.groups) * kh * kw
+    if isinstance(module, nn.Linear):
+        return module.in_features * module.out_features
+    if isinstance(module, nn.AdaptiveAvgPool2d):
+        return inp.numel()  # one accumulate per input value
+    return 0
+
+
+COUNTED = (nn.Conv2d, nn.BatchNorm2d, nn.AdaptiveAvgPool2d, nn.Linear)
+
+
+def layer_stats(model: nn.Module, input_shape: tuple[int, ...] = config.INPUT_SHAPE) -> list[LayerStats]:
+    """Measure every conv, batch-norm, pool and linear layer by running one input through it."""
+    rows: list[LayerStats] = []
+
+    def hook(name: str):
+        def record(module: nn.Module, inputs: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+            params = sum(p.numel() for p in module.parameters(recurse=False))
+            rows.append(LayerStats(name, type(module).__name__, tuple(out.shape[1:]), params,
+                                   _macs(module, inputs[0], out), out.numel()))
+        return record
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if isinstance(m, COUNTED)]
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, *input_shape))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return rows
+
+
+def receptive_field(model: nn.Module) -> tuple[int, int]:
+    """Input (frames, coefficients) seen by one output position of the last convolution."""
+    field, jump = [1, 1], [1, 1]
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            for axis in (0, 1):
+                field[axis] += (module.kernel_size[axis] - 1) * jump[axis]
+                jump[axis] *= module.stride[axis]
+    return field[0], field[1]
+
+
+def separable_vs_plain(channels: int = 64, kernel: int = 3, height: int = 25, width: int = 5) -> dict[str, dict[str, int]]:
+    """Parameters and MACs of one depthwise-separable block against a plain conv of the same shape."""
+    positions = height * width
+    depthwise = {"params": channels * kernel * kernel + channels,
+                 "macs": positions * channels * kernel * kernel}
+    pointwise = {"params": channels * channels + channels, "macs": positions * channels * channels}
+    plain = {"params": channels * channels * kernel * kernel + channels,
+             "macs": positions * channels * channels * kernel * kernel}
+    separable = {k: depthwise[k] + pointwise[k] for k in depthwise}
+    return {"depthwise": depthwise, "pointwise": pointwise, "separable": separable, "plain": plain}

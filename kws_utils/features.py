@@ -1,0 +1,256 @@
+"""MFCC features exactly as the MLPerf Tiny KWS reference computes them, batched in PyTorch.
+
+Pipeline (reference: mlcommons/tiny, keyword_spotting/get_dataset.py):
+
+    wave -> float32 / max(wave) -> pad/crop to 1 s -> [training: shift, add noise, clip to [-1, 1]]
+         -> frames of 480 every 320 -> periodic Hann -> |FFT 512| -> 40 mel bins (20-4000 Hz)
+         -> log(x + 1e-6) -> DCT-II scaled as tf.signal.mfccs_from_log_mel_spectrograms -> first 10
+
+The stages are separate functions so that a streaming front end can compute the mel energies of
+single new frames (``mel_energies``) and apply the final step (``mfcc_from_mel``) on its own.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from kws_utils import config
+
+LOWER_EDGE_HZ = 20.0      # mel filterbank range of the reference (TF's classic MFCC defaults)
+UPPER_EDGE_HZ = 4000.0
+LOG_OFFSET = 1e-6         # keeps log finite on silent frames, as in the reference
+N_BINS = config.N_FFT // 2 + 1
+BACKGROUND_FREQUENCY = 0.8   # MLPerf --background_frequency: share of training clips given noise
+BACKGROUND_VOLUME = 0.1      # MLPerf --background_volume: noise gain drawn from U[0, this]
+# +-100 ms is the --time_shift_ms default of the MLPerf flags and of the TF Speech Commands
+# tutorial it derives from. It lives here, not in config, because only augmentation uses it.
+MAX_SHIFT_SAMPLES = config.SAMPLE_RATE // 10
+# decode_wav (which the reference uses for background noise) maps int16 to [-1, 1) this way.
+INT16_SCALE = 32768.0
+
+Array = np.ndarray | torch.Tensor
+
+
+# ----------------------------------------------------------------------------- constants
+
+def hz_to_mel(hz: torch.Tensor) -> torch.Tensor:
+    """HTK mel scale, the one tf.signal.linear_to_mel_weight_matrix uses."""
+    return 1127.0 * torch.log1p(hz / 700.0)
+
+
+@functools.lru_cache(maxsize=None)
+def mel_matrix(dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(257, 40) weights mapping FFT magnitudes to mel energies: triangles in the mel domain."""
+    nyquist = config.SAMPLE_RATE / 2
+    # The DC bin is left out of the triangles and gets a zero row, as in TF.
+    bin_mel = hz_to_mel(torch.linspace(0.0, nyquist, N_BINS, dtype=torch.float64)[1:])[:, None]
+    edges = torch.linspace(hz_to_mel(torch.tensor(LOWER_EDGE_HZ, dtype=torch.float64)).item(),
+                           hz_to_mel(torch.tensor(UPPER_EDGE_HZ, dtype=torch.float64)).item(),
+                           config.N_MELS + 2, dtype=torch.float64)
+    lower, center, upper = edges[:-2], edges[1:-1], edges[2:]
+    rising = (bin_mel - lower) / (center - lower)
+    falling = (upper - bin_mel) / (upper - center)
+    weights = torch.clamp(torch.minimum(rising, falling), min=0.0)
+    return torch.cat([torch.zeros(1, config.N_MELS, dtype=torch.float64), weights]).to(dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def dct_matrix(dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(40, 10) DCT-II with TF's MFCC scaling: sqrt(2/N) cos(pi k (2n+1) / 2N) for every k.
+
+    Unlike an orthonormal DCT the k = 0 row is not divided by sqrt(2), so c0 is sqrt(2) larger;
+    this is what tf.signal.mfccs_from_log_mel_spectrograms returns and what the model expects.
+    """
+    n = torch.arange(config.N_MELS, dtype=torch.float64)[:, None]
+    k = torch.arange(config.N_MFCC, dtype=torch.float64)[None, :]
+    basis = torch.cos(math.pi * k * (2 * n + 1) / (2 * config.N_MELS))
+    return (basis * math.sqrt(2.0 / config.N_MELS)).to(dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def hann_window(dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Periodic Hann window of one frame (TF's default)."""
+    return torch.hann_window(config.FRAME_LENGTH, periodic=True, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------- input handling
+
+def as_batch(wave: Array) -> tuple[torch.Tensor, bool]:
+    """Check a clip (T,) or batch (N, T) and return it as a 2-D tensor plus 'was it one clip'."""
+    tensor = torch.as_tensor(wave)
+    if tensor.ndim not in (1, 2) or tensor.shape[-1] == 0 or tensor.numel() == 0:
+        raise ValueError(f"Expected one clip of shape (T,) or a batch of shape (N, T) with T > 0 "
+                         f"samples, got shape {tuple(tensor.shape)}. Pass the waveform itself "
+                         "(e.g. data.load_audio(path)), stacking clips of equal length for a batch.")
+    if tensor.is_complex() or tensor.dtype == torch.bool:
+        raise ValueError(f"Expected an int16 or float waveform, got dtype {tensor.dtype}.")
+    return (tensor[None], True) if tensor.ndim == 1 else (tensor, False)
+
+
+def fix_length(x: torch.Tensor, length: int = config.CLIP_SAMPLES) -> torch.Tensor:
+    """Zero-pad at the end or crop the last axis to ``length`` samples."""
+    if x.shape[-1] >= length:
+        return x[..., :length]
+    return torch.nn.functional.pad(x, (0, length - x.shape[-1]))
+
+
+def peak_scale(x: torch.Tensor) -> torch.Tensor:
+    """Per-clip divisor (N, 1): the clip's maximum, as the reference (not its largest |x|).
+
+    The reference divides by max(wave) unguarded; for max <= 0 that is NaN/inf (all-zero clip)
+    or a sign flip that can push samples far beyond 1. Such clips hold no positive sample, so we
+    divide by the largest |x| instead (clip lands in [-1, 0]); an all-zero clip is left at zero,
+    which gives the constant features of log(1e-6). Clips with max > 0 match the reference exactly.
+    """
+    peak = x.amax(dim=-1, keepdim=True)
+    magnitude = x.abs().amax(dim=-1, keepdim=True)
+    fallback = torch.where(magnitude > 0, magnitude, torch.ones_like(magnitude))
+    return torch.where(peak > 0, peak, fallback)
+
+
+def normalize(wave: Array) -> torch.Tensor:
+    """Waveform(s) -> float32 divided by the clip's max, then padded/cropped to 1 s: (..., 16000)."""
+    x, single = as_batch(wave)
+    x = x.to(torch.float32)
+    x = fix_length(x / peak_scale(x))
+    return x[0] if single else x
+
+
+# ----------------------------------------------------------------------------- spectral stages
+
+def split_frames(x: torch.Tensor) -> torch.Tensor:
+    """(..., 16000) -> (..., 49, 480) overlapping frames, no padding at the end (TF stft default)."""
+    return x.unfold(-1, config.FRAME_LENGTH, config.FRAME_STEP)
+
+
+def frame_magnitudes(frames: torch.Tensor) -> torch.Tensor:
+    """(..., 480) frames -> (..., 257) magnitudes of the Hann-windowed 512-point FFT."""
+    window = hann_window(frames.dtype).to(frames.device)
+    return torch.fft.rfft(frames * window, n=config.N_FFT).abs()
+
+
+def mel_energies(frames: torch.Tensor) -> torch.Tensor:
+    """(..., 480) frames -> (..., 40) mel-weighted magnitudes (before the log)."""
+    return frame_magnitudes(frames) @ mel_matrix(frames.dtype).to(frames.device)
+
+
+def mfcc_from_mel(mel: torch.Tensor) -> torch.Tensor:
+    """(..., 40) mel energies -> (..., 10) MFCC: log(x + 1e-6) then the DCT."""
+    return torch.log(mel + LOG_OFFSET) @ dct_matrix(mel.dtype).to(mel.device)
+
+
+def mfcc_from_normalized(x: torch.Tensor) -> torch.Tensor:
+    """(..., 16000) normalised float clips -> (..., 49, 10) float32 MFCC."""
+    # float64 keeps our rounding well below TF's own float32 rounding, for a tight comparison.
+    x = x.to(torch.float64)
+    return mfcc_from_mel(mel_energies(split_frames(x))).to(torch.float32)
+
+
+def mfcc(wave: Array) -> torch.Tensor:
+    """MLPerf-Tiny MFCC of int16 or float clip(s) (T,) or (N, T) -> float32 (..., 49, 10)."""
+    return mfcc_from_normalized(normalize(wave))
+
+
+# ----------------------------------------------------------------------------- augmentation
+
+def time_shift(clips: torch.Tensor, generator: torch.Generator,
+               max_shift_samples: int = MAX_SHIFT_SAMPLES) -> torch.Tensor:
+    """Shift each clip (N, T) by a random whole number of samples in [-max, max], zero-filled."""
+    n, length = clips.shape
+    shift = torch.randint(-max_shift_samples, max_shift_samples + 1, (n, 1), generator=generator)
+    source = (torch.arange(length)[None, :] - shift).to(clips.device)
+    inside = (source >= 0) & (source < length)
+    shifted = clips.gather(1, source.clamp(0, length - 1))
+    return torch.where(inside, shifted, torch.zeros((), dtype=clips.dtype, device=clips.device))
+
+
+def noise_tensor(noise: Array) -> torch.Tensor:
+    """One background recording as a 1-D float32 tensor in [-1, 1] (int16 is scaled like decode_wav)."""
+    tensor = torch.as_tensor(noise)
+    if tensor.ndim != 1 or tensor.shape[0] < config.CLIP_SAMPLES:
+        raise ValueError(f"Each background noise must be 1-D with at least {config.CLIP_SAMPLES} "
+                         f"samples (1 s), got shape {tuple(tensor.shape)}. Load the files of "
+                         f"{config.BACKGROUND_NOISE_DIR} with data.load_audio.")
+    if not tensor.is_floating_point():
+        return tensor.to(torch.float32) / INT16_SCALE
+    return tensor.to(torch.float32)
+
+
+def mix_background(clips: torch.Tensor, noise_bank: Sequence[Array], generator: torch.Generator,
+                   prob: float = BACKGROUND_FREQUENCY,
+                   max_volume: float = BACKGROUND_VOLUME) -> torch.Tensor:
+    """Add a random 1 s noise segment at gain U[0, max_volume] to a share ``prob`` of clips (N, T),
+    then clip to [-1, 1]."""
+    if len(noise_bank) == 0:
+        raise ValueError("noise_bank is empty: pass the background recordings (a list of 1-D "
+                         "arrays), or skip mix_background for no noise.")
+    n, length = clips.shape
+    which = torch.randint(len(noise_bank), (n,), generator=generator)
+    position = torch.rand(n, generator=generator)
+    volume = torch.rand(n, generator=generator) * max_volume
+    volume = torch.where(torch.rand(n, generator=generator) < prob, volume, torch.zeros(()))
+    segments = torch.zeros(n, length)
+    # Loop over the few recordings, not the clips: each gather is vectorised over its clips.
+    for index, noise in enumerate(noise_bank):
+        rows = (which == index).nonzero().flatten()
+        if rows.numel() == 0:
+            continue
+        noise = noise_tensor(noise)
+        start = (position[rows] * (noise.shape[0] - length + 1)).long()
+        segments[rows] = noise[start[:, None] + torch.arange(length)[None, :]]
+    mixed = clips + (volume[:, None] * segments).to(clips.device, clips.dtype)
+    return mixed.clamp(-1.0, 1.0)
+
+
+def augmented_mfcc(waves: Array, noise_bank: Sequence[Array], generator: torch.Generator,
+                   max_shift_samples: int = MAX_SHIFT_SAMPLES) -> torch.Tensor:
+    """Training features: normalise -> time shift -> add background noise -> clip -> MFCC."""
+    x, single = as_batch(waves)
+    x = time_shift(normalize(x), generator, max_shift_samples)
+    features = mfcc_from_normalized(mix_background(x, noise_bank, generator))
+    return features[0] if single else features
+
+
+# ----------------------------------------------------------------------------- datasets
+
+def compute_features(waves: Array, batch_size: int = 1000,
+                     augment: tuple[Sequence[Array], torch.Generator] | None = None,
+                     desc: str = "MFCC") -> torch.Tensor:
+    """Features of (N, T) clips in batches with a progress bar -> float32 (N, 1, 49, 10)."""
+    waves, _ = as_batch(waves)
+    if waves.ndim != 2 or len(waves) == 0:
+        raise ValueError(f"Expected a batch of clips (N, T), got shape {tuple(waves.shape)}.")
+    out = torch.empty(len(waves), *config.INPUT_SHAPE)
+    for start in tqdm(range(0, len(waves), batch_size), desc=desc, unit="batch"):
+        batch = waves[start:start + batch_size]
+        feats = mfcc(batch) if augment is None else augmented_mfcc(batch, *augment)
+        out[start:start + len(batch), 0] = feats
+    return out
+
+
+def cached(path: Path, build: Callable[[], torch.Tensor | dict]) -> torch.Tensor | dict:
+    """Load ``path`` if it exists, else build, save atomically (temp file + rename) and return."""
+    path = Path(path)
+    if path.is_file():
+        return torch.load(path, weights_only=True)
+    value = build()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Write beside the target and rename: a crash mid-write leaves only a stray temp file,
+    # never a truncated file at ``path`` that the next run would load as complete.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(value, fh)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return value
