@@ -25,6 +25,19 @@ ALL_WORDS: tuple[str, ...] = (
     "seven", "sheila", "six", "stop", "three", "tree", "two", "up", "visual", "wow", "yes", "zero",
 )
 BACKGROUND_NOISE_DIR = "_background_noise_"
+# Speech Commands splits speakers by hashing their id: 10 % validation, 10 % testing.
+VALIDATION_PERCENT = 10
+TESTING_PERCENT = 10
+# Silence for train/validation: 1 s cuts every 0.5 s from the background recordings, with
+# running_tap.wav held out for validation (as TFDS, which the MLPerf Tiny reference uses).
+SILENCE_HOP = 8_000
+VALIDATION_NOISE_FILE = "running_tap.wav"
+TEST_SILENCE_DIR = "_silence_"     # folders of the official balanced test set
+TEST_UNKNOWN_DIR = "_unknown_"
+COMPLETE_MARKER = ".kws_complete.json"   # written last: a folder without it is incomplete
+# Synthetic dataset: utterances per speaker of each keyword / each other word (real set ~2:1).
+SYNTH_KEYWORD_REPEATS = 4
+SYNTH_AUX_REPEATS = 2
 
 SAMPLE_RATE = 16_000
 CLIP_SAMPLES = 16_000          # 1 s clips

@@ -31,6 +31,9 @@ class DSCNN(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.flatten = nn.Flatten()
         self.fc6 = nn.Linear(filters, n_classes)
+        # A pre-hook rather than a check in forward(): FX tracing for quantization calls forward()
+        # directly, where a data-dependent shape test could not be traced.
+        self.register_forward_pre_hook(_check_call)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits (N, n_classes) for MFCC input (N, 1, 49, 10)."""
@@ -47,6 +50,11 @@ def check_input(x: torch.Tensor) -> None:
         raise ValueError(f"DS-CNN input must be (N, {', '.join(map(str, config.INPUT_SHAPE))}) "
                          f"(batch, channel, frames, MFCC coefficients); got {tuple(x.shape)}. "
                          "Add the channel axis with x.unsqueeze(1) for (N, 49, 10) features.")
+
+
+def _check_call(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+    """Forward pre-hook: validate the model input before any layer runs."""
+    check_input(args[0])
 
 
 def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:

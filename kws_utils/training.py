@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -10,7 +11,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from kws_utils import config
+from kws_utils import config, data, features
+from kws_utils.model import DSCNN, load_checkpoint
 
 
 def set_seed(seed: int = config.SEED) -> torch.Generator:
@@ -154,3 +156,101 @@ def confusion_matrix(preds: torch.Tensor, labels: torch.Tensor,
 def per_class_accuracy(cm: torch.Tensor) -> torch.Tensor:
     """Recall of every class from a confusion matrix (rows are true classes)."""
     return cm.diag().float() / cm.sum(1).clamp(min=1).float()
+
+
+@dataclass
+class FeatureSets:
+    """Cached model inputs of every split: augmented training views, clean validation and test."""
+
+    source: str                       # "real" or "synthetic": which dataset the numbers come from
+    train_views: list[torch.Tensor]   # each (N_train, 1, 49, 10): one augmentation of the train set
+    train_y: torch.Tensor
+    val_x: torch.Tensor
+    val_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+
+
+FEATURE_VERSION = 1  # bump when the feature pipeline changes, so stale caches are not reused
+
+
+def feature_cache_dir(info: "data.DatasetInfo", splits: dict[str, list]) -> Path:
+    """A cache folder named after the dataset, its split sizes, the seed and the pipeline version."""
+    sizes = "-".join(str(len(splits[s])) for s in ("train", "validation", "test"))
+    key = f"{info.kind}_{Path(info.train_dir).name}_{sizes}_seed{config.SEED}_v{FEATURE_VERSION}"
+    return config.data_root() / "feature_cache" / key
+
+
+def prepare_features(info: "data.DatasetInfo", views: int | None = None) -> FeatureSets:
+    """Compute (once) and load the features of all splits; training views are augmented."""
+    views = views or config.profile().aug_views
+    splits = data.splits(info)
+    folder = feature_cache_dir(info, splits)
+    labels = {s: torch.tensor([c.label for c in clips]) for s, clips in splits.items()}
+
+    def clean(split: str) -> torch.Tensor:
+        """Features of one split without augmentation."""
+        waves = data.load_clips(splits[split], desc=f"load {split}")
+        return features.compute_features(waves, desc=f"MFCC {split}")
+
+    train_waves: list[np.ndarray] = []
+
+    def augmented(view: int) -> torch.Tensor:
+        """One augmented copy of the training set, seeded per view."""
+        if not train_waves:
+            train_waves.append(data.load_clips(splits["train"], desc="load train"))
+        generator = torch.Generator().manual_seed(config.SEED * 1000 + view)
+        return features.compute_features(train_waves[0], augment=(data.noise_bank(info), generator),
+                                          desc=f"MFCC train view {view + 1}/{views}")
+
+    return FeatureSets(
+        source=info.kind,
+        train_views=[features.cached(folder / f"train_view{v}.pt", lambda v=v: augmented(v))
+                     for v in range(views)],
+        train_y=labels["train"],
+        val_x=features.cached(folder / "validation.pt", lambda: clean("validation")),
+        val_y=labels["validation"],
+        test_x=features.cached(folder / "test.pt", lambda: clean("test")),
+        test_y=labels["test"],
+    )
+
+
+SHORT_EPOCHS = 3  # a later notebook run on its own trains this long when notebook 03 has not run
+
+
+def float_checkpoint_path(source: str) -> Path:
+    """Where notebook 03 saves the trained float DS-CNN for the given dataset."""
+    return config.artifacts_dir() / f"kws_float_{source}.pth"
+
+
+def save_checkpoint(model: nn.Module, path: Path, **meta: object) -> None:
+    """Save the state dict with metadata (epochs, dataset) via a temp file and rename."""
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    tmp = path.with_suffix(".tmp")
+    torch.save({"model": state, **meta}, tmp)
+    tmp.replace(path)
+
+
+def float_model(feats: FeatureSets) -> nn.Module:
+    """The float DS-CNN from notebook 03, or a short training run when there is no checkpoint."""
+    path = float_checkpoint_path(feats.source)
+    if path.is_file():
+        print(f"loaded the float model trained in notebook 03: {path}")
+        return load_checkpoint(DSCNN(), path).eval()
+    print(f"no checkpoint at {path}: training a short {SHORT_EPOCHS}-epoch float model instead "
+          "(run notebook 03 for the full one)")
+    prof = config.profile()
+    net = DSCNN()
+    fit(net, feats.train_views, feats.train_y, feats.val_x, feats.val_y, SHORT_EPOCHS, prof.lr,
+        prof.batch_size, set_seed())
+    save_checkpoint(net, path, epochs=SHORT_EPOCHS, source=feats.source)
+    return net.eval()
+
+
+def kws01_scores(models: dict[str, nn.Module]) -> dict[str, float] | None:
+    """Accuracy of each model on the real MLPerf kws01 inputs, or None when they are absent."""
+    folder = config.mlperf_dir() / "kws01"
+    if not folder.is_dir():
+        return None
+    x, y, _ = data.load_kws01(folder)
+    return {name: evaluate(m, x, y).accuracy for name, m in models.items()}

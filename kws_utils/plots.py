@@ -1,0 +1,108 @@
+"""Plots and tables shared by the notebooks; each one names the data it was made from."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+
+from kws_utils import config
+
+SOURCE_TAGS = {
+    "real": "real Speech Commands v2",
+    "synthetic": "SYNTHETIC espeak-ng data, not comparable with MLPerf",
+    "mlperf": "real MLPerf kws01 inputs",
+}
+
+
+def source_tag(kind: str) -> str:
+    """A short label naming the data a figure or table comes from."""
+    if kind not in SOURCE_TAGS:
+        raise ValueError(f"unknown data source {kind!r}; use one of {sorted(SOURCE_TAGS)}.")
+    return SOURCE_TAGS[kind]
+
+
+def table(rows: Sequence[Sequence[object]], headers: Sequence[str], title: str = "") -> str:
+    """Format rows as a fixed-width text table (numbers right-aligned) for printing."""
+    cells = [[f"{c:,}" if isinstance(c, (int, np.integer)) and not isinstance(c, bool)
+              else f"{c:.4g}" if isinstance(c, (float, np.floating)) else str(c) for c in row]
+             for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
+    fmt = "  ".join(f"{{:>{w}}}" for w in widths)
+    lines = ([title] if title else []) + [fmt.format(*headers), fmt.format(*("-" * w for w in widths))]
+    lines += [fmt.format(*r) for r in cells]
+    return "\n".join(lines)
+
+
+def class_counts(counts: dict[str, Sequence[int]], source: str, title: str = "Clips per class") -> plt.Figure:
+    """Grouped bar chart of clips per class for each split."""
+    fig, ax = plt.subplots(figsize=(11, 3.8))
+    width = 0.8 / len(counts)
+    x = np.arange(len(config.LABELS))
+    for i, (split, c) in enumerate(counts.items()):
+        ax.bar(x + i * width, c, width, label=split)
+    ax.set_xticks(x + width * (len(counts) - 1) / 2, config.LABELS, rotation=30)
+    ax.set(title=f"{title} ({source_tag(source)})", xlabel="class", ylabel="clips")
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def clip_views(wave: np.ndarray, spectrogram_db: np.ndarray, mfcc: np.ndarray, word: str,
+               source: str) -> plt.Figure:
+    """A clip as waveform, log-magnitude spectrogram and MFCC, side by side."""
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.2))
+    t = np.arange(len(wave)) / config.SAMPLE_RATE
+    axes[0].plot(t, wave, lw=0.5)
+    axes[0].set(title=f'"{word}": waveform', xlabel="time (s)", ylabel="amplitude (int16 units)")
+    frame_s = config.FRAME_STEP / config.SAMPLE_RATE
+    extent = [0, spectrogram_db.shape[0] * frame_s, 0, config.SAMPLE_RATE / 2000]
+    im = axes[1].imshow(spectrogram_db.T, origin="lower", aspect="auto", extent=extent, cmap="magma")
+    axes[1].set(title="spectrogram", xlabel="time (s)", ylabel="frequency (kHz)")
+    fig.colorbar(im, ax=axes[1], label="magnitude (dB)")
+    im = axes[2].imshow(mfcc.T, origin="lower", aspect="auto", cmap="viridis",
+                        extent=[0, mfcc.shape[0] * frame_s, -0.5, mfcc.shape[1] - 0.5])
+    axes[2].set(title="MFCC (model input)", xlabel="time (s)", ylabel="coefficient index")
+    fig.colorbar(im, ax=axes[2], label="value (log-mel DCT units)")
+    fig.suptitle(source_tag(source), fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def training_curves(history: object, source: str, title: str = "Float training") -> plt.Figure:
+    """Loss and accuracy per epoch for training and validation."""
+    epochs = np.arange(1, len(history.train_loss) + 1)
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.6))
+    a.plot(epochs, history.train_loss, "o-", label="train")
+    a.plot(epochs, history.val_loss, "o-", label="validation")
+    a.set(title=f"{title}: loss", xlabel="epoch", ylabel="cross-entropy (nats)")
+    b.plot(epochs, np.array(history.train_acc) * 100, "o-", label="train")
+    b.plot(epochs, np.array(history.val_acc) * 100, "o-", label="validation")
+    b.set(title=f"{title}: accuracy", xlabel="epoch", ylabel="accuracy (%)")
+    for ax in (a, b):
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.suptitle(source_tag(source), fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def confusion(cm: torch.Tensor | np.ndarray, source: str, title: str = "Confusion matrix (test set)") -> plt.Figure:
+    """Confusion matrix as row-normalized colours with raw counts written in each cell."""
+    cm = np.asarray(cm)
+    share = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(7.5, 6.5))
+    im = ax.imshow(share * 100, cmap="Blues", vmin=0, vmax=100)
+    for i in range(cm.shape[0]):
+        for j in range(cm.shape[1]):
+            if cm[i, j]:
+                ax.text(j, i, cm[i, j], ha="center", va="center", fontsize=7,
+                        color="white" if share[i, j] > 0.5 else "black")
+    ticks = np.arange(len(config.LABELS))
+    ax.set_xticks(ticks, config.LABELS, rotation=45)
+    ax.set_yticks(ticks, config.LABELS)
+    ax.set(title=f"{title}\n{source_tag(source)}", xlabel="predicted class", ylabel="true class")
+    fig.colorbar(im, ax=ax, label="share of true class (%)")
+    fig.tight_layout()
+    return fig
