@@ -134,3 +134,12 @@ def artifacts_dir() -> Path:
 def mlperf_dir() -> Path:
     """The real MLPerf Tiny artifacts (kws01 inputs, reference weights), if present."""
     return Path(os.environ.get("KWS_MLPERF_DIR", REPO_ROOT.parent / "shared" / "mlperf"))
+
+
+def quant_backend_choice() -> str:
+    """Quantization package for the notebooks, from KWS_QUANT_BACKEND: ``course`` (default) or ``ti``."""
+    choice = os.environ.get("KWS_QUANT_BACKEND", "course")
+    if choice not in ("course", "ti"):
+        raise ValueError(f"KWS_QUANT_BACKEND={choice!r}: use 'course' (kws_utils.quant) or 'ti' "
+                         "(TI's tinyml_torchmodelopt, if installed).")
+    return choice

@@ -140,8 +140,8 @@ def test_time_shift_moves_clips_with_zero_fill() -> None:
     clips = torch.arange(1, 1001, dtype=torch.float32).repeat(8, 1)
     shifted = features.time_shift(clips, torch.Generator().manual_seed(0), max_shift_samples=50)
     for row in shifted:
-        shift = int(row[row != 0][0].item() - 1) if row[0] != 0 else -int((row == 0).sum())
-        shift = -shift if row[0] != 0 else int((row == 0).sum())
+        # A right shift leaves leading zeros; a left shift makes the row start past sample 1.
+        shift = int((row == 0).sum()) if row[0] == 0 else 1 - int(row[0])
         assert abs(shift) <= 50
         torch.testing.assert_close(row, _shifted(clips[0], shift))
     assert len({tuple(r[:60].tolist()) for r in shifted}) > 1, "all rows got the same shift"
@@ -167,17 +167,19 @@ def test_mix_background_share_volume_and_clipping() -> None:
     gain = mixed[:, 1:].abs().amax(dim=1)
     assert 0.76 < (gain > 0).float().mean() < 0.84
     assert gain.max() <= features.BACKGROUND_VOLUME
+    assert (mixed[:, 1] > 0).any() and (mixed[:, 1] < 0).any(), "only one recording was used"
 
 
 def test_mix_background_takes_random_segments() -> None:
     """Segments come from random offsets of random recordings in the bank."""
-    ramp = torch.arange(5 * config.CLIP_SAMPLES, dtype=torch.float32) / 1e6
-    clips = torch.zeros(50, config.CLIP_SAMPLES)
-    mixed = features.mix_background(clips, [ramp], torch.Generator().manual_seed(1), prob=1.0,
-                                    max_volume=1.0)
-    volume = mixed[:, 1] - mixed[:, 0]                     # the ramp's slope times the gain
-    start = mixed[:, 0] / volume * 1e6
-    assert torch.allclose(start, start.round(), atol=1e-2) and start.unique().numel() > 40
+    length = config.CLIP_SAMPLES
+    ramp = torch.arange(1, 5 * length + 1, dtype=torch.float64) / 1e6   # sample i holds i + 1
+    mixed = features.mix_background(torch.zeros(50, length, dtype=torch.float64), [ramp],
+                                    torch.Generator().manual_seed(1), prob=1.0, max_volume=1.0)
+    # Whatever the gain, last / first = (start + length) / (start + 1) recovers the offset.
+    start = (length - 1) / (mixed[:, -1] / mixed[:, 0] - 1) - 1
+    assert torch.allclose(start, start.round(), atol=0.1), "segment is not a contiguous slice"
+    assert start.min() >= 0 and start.max() <= 4 * length and start.round().unique().numel() > 40
 
 
 def test_augmentation_is_deterministic_per_seed() -> None:

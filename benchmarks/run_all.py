@@ -1,0 +1,49 @@
+"""Run every course benchmark and write one results file (output/benchmarks/results.json)."""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from kws_utils import config  # noqa: E402
+
+# Benchmark modules in course order; each has run() -> dict of figures.
+MODULES = ["bench_features", "bench_data", "bench_training", "bench_deploy", "bench_streaming"]
+
+
+def machine() -> dict:
+    """Where the figures were measured."""
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
+    import torch
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "date": time.strftime("%Y-%m-%d")}
+
+
+def main() -> None:
+    """Run each benchmark module that exists and save all figures in one JSON file."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    results = {"machine": machine()}
+    for name in MODULES:
+        if not (Path(__file__).resolve().parent / f"{name}.py").exists():
+            continue
+        print(f"== {name}", flush=True)
+        start = time.perf_counter()
+        results[name] = importlib.import_module(name).run()
+        results[name]["benchmark_seconds"] = round(time.perf_counter() - start, 1)
+        print(json.dumps(results[name], indent=2), flush=True)
+    out = config.output_dir() / "benchmarks" / "results.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    print(f"results written to {out}")
+
+
+if __name__ == "__main__":
+    main()

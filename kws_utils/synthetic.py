@@ -1,0 +1,491 @@
+"""Offline stand-in for Speech Commands v2: espeak-ng speech written in the real folder layout.
+
+The generated folders look exactly like ``speech_commands_v0.02`` and
+``speech_commands_test_set_v0.02`` so that every later step of the course runs unchanged. Speech
+comes from espeak-ng (shipped by the ``espeakng-loader`` wheel, called through ctypes); speakers
+differ in voice, rate and pitch, clips differ in level, timing, noise and filtering.
+
+Determinism: every random choice comes from a numpy generator seeded by (seed, what is drawn).
+espeak-ng itself carries state from one utterance to the next, so clips are rendered in fixed
+shards, each in a freshly spawned process, always in the same order: same seed, same bytes.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import json
+import multiprocessing as mp
+import re
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+from scipy.signal import butter, resample_poly, sosfilt
+from tqdm.auto import tqdm
+
+from kws_utils import config
+
+GENERATOR_VERSION = 1      # bump when the output changes, so old folders are regenerated
+SHARDS = 16                # fixed, so the bytes do not depend on how many workers run them
+NOISE_SECONDS = 60         # like the real background recordings (about 1 min each)
+NOISE_KINDS = ("white_noise", "pink_noise", "brown_noise", "running_tap", "fan_hum",
+               "doing_the_dishes")
+AUX_WORDS = tuple(w for w in config.ALL_WORDS if w not in config.KEYWORDS)
+
+# English accents of espeak-ng and voice variants that still sound like a person.
+LANGUAGES = ("en", "en-us", "en-gb-x-rp", "en-gb-scotland", "en-gb-x-gbclan", "en-gb-x-gbcwmd",
+             "en-029", "en-us-nyc")
+VARIANTS = ("", "m1", "m2", "m3", "m4", "m5", "m6", "m7", "f1", "f2", "f3", "f4", "f5", "Andy",
+            "Annie", "adam", "anika", "aunty", "belinda", "benjamin", "david", "ed", "edward",
+            "grandma", "grandpa", "ian", "john", "linda", "max", "michel", "norbert", "paul",
+            "quincy", "rob", "robert", "steph", "travis", "victor", "zac", "whisper", "whisperf",
+            "klatt", "klatt3", "croak", "Alex", "Alicia", "Lee", "Mike", "shelby", "caleb", "Reed",
+            "Michael", "Andrea")
+ESPEAK_VOLUME = 70         # below 100: louder settings clip some variants
+# Separate random streams, so adding one kind of draw never shifts another.
+STREAM_SPEAKER_IDS, STREAM_SPEAKER, STREAM_CLIP, STREAM_NOISE, STREAM_TEST = range(5)
+
+
+# ----------------------------------------------------------------------------- espeak-ng
+class Espeak:
+    """A ctypes binding of the few espeak-ng calls needed to render one word to a waveform."""
+
+    _RATE, _VOLUME, _PITCH, _RANGE = 1, 2, 3, 4      # espeak_PARAMETER values (speak_lib.h)
+    _SYNCHRONOUS, _POS_CHARACTER, _CHARS_UTF8 = 2, 1, 1
+
+    def __init__(self) -> None:
+        """Load the bundled library and data, and route synthesized audio into a buffer."""
+        import espeakng_loader
+
+        self._lib = ctypes.CDLL(espeakng_loader.get_library_path())
+        callback_type = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short),
+                                         ctypes.c_int, ctypes.c_void_p)
+        self._chunks: list[np.ndarray] = []
+        self._callback = callback_type(self._collect)    # keep a reference: C holds a pointer
+        data_parent = str(Path(espeakng_loader.get_data_path()).parent).encode()
+        self.sample_rate = self._lib.espeak_Initialize(self._SYNCHRONOUS, 0, data_parent, 0)
+        if self.sample_rate <= 0:
+            raise RuntimeError("espeak-ng failed to initialise (espeakng-loader data missing?).")
+        self._lib.espeak_SetSynthCallback(self._callback)
+
+    def _collect(self, wav: ctypes.POINTER(ctypes.c_short), n: int, _events: int) -> int:
+        """Synthesis callback: copy each audio block; returning 0 lets synthesis continue."""
+        if wav and n > 0:
+            self._chunks.append(np.ctypeslib.as_array(wav, shape=(n,)).copy())
+        return 0
+
+    def speak(self, text: str, voice: str, rate: int, pitch: int, pitch_range: int) -> np.ndarray:
+        """Render ``text`` with a voice and prosody; int16 samples at ``self.sample_rate``."""
+        if self._lib.espeak_SetVoiceByName(voice.encode()) != 0:
+            raise ValueError(f"espeak-ng has no voice {voice!r}.")
+        for param, value in ((self._RATE, rate), (self._PITCH, pitch), (self._RANGE, pitch_range),
+                             (self._VOLUME, ESPEAK_VOLUME)):
+            self._lib.espeak_SetParameter(param, int(value), 0)
+        self._chunks.clear()
+        encoded = text.encode()
+        status = self._lib.espeak_Synth(encoded, len(encoded) + 1, 0, self._POS_CHARACTER, 0,
+                                        self._CHARS_UTF8, None, None)
+        if status != 0 or not self._chunks:
+            raise RuntimeError(f"espeak-ng could not speak {text!r} with {voice!r} ({status}).")
+        return np.concatenate(self._chunks)
+
+
+_ENGINE: Espeak | None = None
+
+
+def engine() -> Espeak:
+    """The process-wide espeak-ng instance (the library holds global state, so only one)."""
+    global _ENGINE
+    if _ENGINE is None:
+        _ENGINE = Espeak()
+    return _ENGINE
+
+
+# ----------------------------------------------------------------------------- speakers
+def which_set(filename: str, validation_percent: int = config.VALIDATION_PERCENT,
+              testing_percent: int = config.TESTING_PERCENT) -> str:
+    """The Speech Commands split rule: a stable hash of the speaker part of the file name."""
+    speaker = re.sub(r"_nohash_.*$", "", Path(filename).name)
+    # The dataset maps the SHA-1 into [0, 100] over 2**27 buckets (its "max files per class").
+    buckets = 2**27 - 1
+    value = int(hashlib.sha1(speaker.encode()).hexdigest(), 16) % (buckets + 1)
+    percent = value * (100.0 / buckets)
+    if percent < validation_percent:
+        return "validation"
+    if percent < validation_percent + testing_percent:
+        return "testing"
+    return "training"
+
+
+def split_quotas(n_speakers: int) -> dict[str, int]:
+    """How many speakers each split gets: about 80/10/10, at least one per split."""
+    if n_speakers < 3:
+        raise ValueError(f"need at least 3 synthetic speakers (one per split), got {n_speakers}.")
+    n_val = max(1, round(n_speakers * config.VALIDATION_PERCENT / 100))
+    n_test = max(1, round(n_speakers * config.TESTING_PERCENT / 100))
+    return {"training": n_speakers - n_val - n_test, "validation": n_val, "testing": n_test}
+
+
+def speaker_ids(n_speakers: int, seed: int) -> list[tuple[str, str]]:
+    """Random 8-hex-digit speaker ids and their hash split, filled to exact 80/10/10 quotas."""
+    # Drawing ids until each split is full keeps the sizes exact even for tiny datasets, while
+    # every id still lands in the split the real hash rule gives it.
+    rng = np.random.default_rng([seed, STREAM_SPEAKER_IDS])
+    left = split_quotas(n_speakers)
+    chosen: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    while len(chosen) < n_speakers:
+        sid = f"{int(rng.integers(0, 2**32)):08x}"
+        split = which_set(f"{sid}_nohash_0.wav")
+        if sid not in seen and left[split] > 0:
+            seen.add(sid)
+            left[split] -= 1
+            chosen.append((sid, split))
+    return chosen
+
+
+@dataclass(frozen=True)
+class Speaker:
+    """One synthetic speaker: an espeak voice and prosody plus a 'microphone and room'."""
+
+    index: int
+    sid: str
+    split: str
+    voice: str
+    rate: int            # words per minute
+    pitch: int           # 0..100
+    pitch_range: int     # 0..100
+    level_db: float      # typical peak level in dBFS
+    noise_db: float      # noise floor RMS in dBFS
+    lowpass_hz: float    # 0 = no low-pass
+    highpass_hz: float   # 0 = no high-pass
+
+
+def make_speakers(n_speakers: int, seed: int) -> list[Speaker]:
+    """All speakers of a dataset, each drawn from its own seeded stream."""
+    speakers = []
+    for index, (sid, split) in enumerate(speaker_ids(n_speakers, seed)):
+        rng = np.random.default_rng([seed, STREAM_SPEAKER, index])
+        variant = str(rng.choice(VARIANTS))
+        voice = str(rng.choice(LANGUAGES)) + (f"+{variant}" if variant else "")
+        speakers.append(Speaker(
+            index=index, sid=sid, split=split, voice=voice,
+            rate=int(rng.integers(120, 231)), pitch=int(rng.integers(20, 81)),
+            pitch_range=int(rng.integers(15, 91)), level_db=float(rng.uniform(-24, -3)),
+            noise_db=float(rng.uniform(-78, -48)),
+            lowpass_hz=float(rng.uniform(3000, 7500)) if rng.random() < 0.5 else 0.0,
+            highpass_hz=float(rng.uniform(60, 300)) if rng.random() < 0.5 else 0.0))
+    return speakers
+
+
+# ----------------------------------------------------------------------------- one clip
+def _mic_filter(speaker: Speaker) -> np.ndarray | None:
+    """Second-order sections of the speaker's band limits, or None for a flat response."""
+    nyquist = config.SAMPLE_RATE / 2
+    sections = []
+    if speaker.lowpass_hz:
+        sections.append(butter(2, speaker.lowpass_hz / nyquist, "low", output="sos"))
+    if speaker.highpass_hz:
+        sections.append(butter(2, speaker.highpass_hz / nyquist, "high", output="sos"))
+    return np.concatenate(sections) if sections else None
+
+
+def _trim(wave: np.ndarray, rel_threshold: float = 0.01) -> np.ndarray:
+    """Drop the leading and trailing near-silence espeak adds around a word."""
+    loud = np.nonzero(np.abs(wave) > rel_threshold * np.abs(wave).max())[0]
+    return wave[loud[0]:loud[-1] + 1] if loud.size else wave
+
+
+def _to_16k(wave: np.ndarray, rate: int) -> np.ndarray:
+    """Resample float audio from espeak's rate to the dataset rate."""
+    gcd = np.gcd(rate, config.SAMPLE_RATE)
+    return resample_poly(wave, config.SAMPLE_RATE // gcd, rate // gcd)
+
+
+def _to_int16(wave: np.ndarray) -> np.ndarray:
+    """Float in [-1, 1] to int16 with clipping."""
+    return np.clip(np.round(wave * 32767), -32768, 32767).astype(np.int16)
+
+
+def render_word(word: str, speaker: Speaker, rng: np.random.Generator) -> np.ndarray:
+    """One recorded-like utterance of ``word`` by ``speaker``: int16, 16 kHz, up to 1 s."""
+    espeak = engine()
+    # Punctuation changes espeak's intonation, like people reading a prompt differently.
+    text = word + str(rng.choice(["", ".", "!", ",", "?"], p=[0.4, 0.25, 0.15, 0.1, 0.1]))
+    rate = int(np.clip(speaker.rate * rng.uniform(0.9, 1.1), 80, 450))
+    pitch = int(np.clip(speaker.pitch + rng.integers(-5, 6), 0, 100))
+    raw = espeak.speak(text, speaker.voice, rate, pitch, speaker.pitch_range)
+    speech = _trim(_to_16k(raw.astype(np.float64) / 32768, espeak.sample_rate))
+    # Most real clips are exactly 1 s; about one in ten is shorter.
+    length = config.CLIP_SAMPLES
+    if rng.random() < 0.1:
+        length = int(rng.uniform(max(0.5 * length, speech.size + 800), length + 1))
+    speech = speech[:length]
+    clip = np.zeros(length)
+    start = int(rng.integers(0, length - speech.size + 1))
+    peak_db = np.clip(speaker.level_db + rng.normal(0, 3), -35, -1)
+    clip[start:start + speech.size] = speech * (10 ** (peak_db / 20) / np.abs(speech).max())
+    noise_db = speaker.noise_db + rng.normal(0, 3)
+    clip += rng.standard_normal(length) * 10 ** (noise_db / 20)
+    sos = _mic_filter(speaker)
+    return _to_int16(sosfilt(sos, clip) if sos is not None else clip)
+
+
+# ----------------------------------------------------------------------------- noise
+def _smooth_random(n: int, rng: np.random.Generator, per_second: float) -> np.ndarray:
+    """A slowly varying random curve (about ``per_second`` changes a second), zero mean."""
+    knots = rng.standard_normal(int(n / config.SAMPLE_RATE * per_second) + 2)
+    return np.interp(np.linspace(0, knots.size - 1, n), np.arange(knots.size), knots)
+
+
+def _colored(n: int, rng: np.random.Generator, exponent: float, band: tuple[float, float]
+             = (20.0, 8000.0)) -> np.ndarray:
+    """Gaussian noise with power falling as 1/f**exponent inside ``band`` (Hz), unit RMS."""
+    spectrum = np.fft.rfft(rng.standard_normal(n))
+    freqs = np.fft.rfftfreq(n, 1 / config.SAMPLE_RATE)
+    gain = np.maximum(freqs, band[0]) ** (-exponent / 2)
+    gain[(freqs < band[0]) | (freqs > band[1])] = 0
+    wave = np.fft.irfft(spectrum * gain, n)
+    return wave / wave.std()
+
+
+def _running_tap(n: int, rng: np.random.Generator) -> np.ndarray:
+    """Water: band-limited hiss whose level wobbles quickly, like a tap into a sink."""
+    hiss = _colored(n, rng, 0.5, (300.0, 6000.0))
+    wobble = 1 + 0.35 * _smooth_random(n, rng, 12) + 0.15 * _smooth_random(n, rng, 1)
+    return hiss * np.clip(wobble, 0.2, None)
+
+
+def _fan_hum(n: int, rng: np.random.Generator) -> np.ndarray:
+    """A fan: mains hum with harmonics plus rumbling air modulated at the blade rate."""
+    t = np.arange(n) / config.SAMPLE_RATE
+    f0 = rng.uniform(48, 62)
+    hum = sum(np.sin(2 * np.pi * k * f0 * t + rng.uniform(0, 2 * np.pi)) / k for k in range(1, 7))
+    blade = 1 + 0.3 * np.sin(2 * np.pi * rng.uniform(12, 25) * t)
+    air = _colored(n, rng, 1.5, (40.0, 4000.0)) * blade
+    return 0.4 * hum / np.abs(hum).max() + air / 3
+
+
+def _dishes(n: int, rng: np.random.Generator) -> np.ndarray:
+    """Kitchen clatter: a soft background with random ringing clinks of cutlery and plates."""
+    out = 0.2 * _colored(n, rng, 1.0)
+    rate = config.SAMPLE_RATE
+    for start in rng.integers(0, n, size=int(n / rate * 3)):
+        length = int(rng.uniform(0.02, 0.25) * rate)
+        t = np.arange(min(length, n - start)) / rate
+        ring = np.sin(2 * np.pi * rng.uniform(1500, 6000) * t) * np.exp(-t * rng.uniform(20, 80))
+        out[start:start + t.size] += rng.uniform(0.5, 4) * ring
+    return out
+
+
+def make_noise(kind: str, n: int, rng: np.random.Generator) -> np.ndarray:
+    """``n`` samples of one background-noise kind, float with unit RMS."""
+    makers = {"white_noise": lambda: rng.standard_normal(n),
+              "pink_noise": lambda: _colored(n, rng, 1.0),
+              "brown_noise": lambda: _colored(n, rng, 2.0),
+              "running_tap": lambda: _running_tap(n, rng),
+              "fan_hum": lambda: _fan_hum(n, rng),
+              "doing_the_dishes": lambda: _dishes(n, rng)}
+    if kind not in makers:
+        raise ValueError(f"unknown noise kind {kind!r}; use one of {NOISE_KINDS}.")
+    wave = makers[kind]()
+    return wave / wave.std()
+
+
+def _at_level(wave: np.ndarray, rms_db: float) -> np.ndarray:
+    """Scale unit-RMS audio to an RMS level in dBFS, as int16 (peaks clipped)."""
+    return _to_int16(wave * 10 ** (rms_db / 20))
+
+
+def write_background_noise(folder: Path, seed: int) -> None:
+    """The ``_background_noise_`` recordings: one minute of each noise kind."""
+    folder.mkdir(parents=True)
+    for i, kind in enumerate(NOISE_KINDS):
+        rng = np.random.default_rng([seed, STREAM_NOISE, i])
+        wave = make_noise(kind, NOISE_SECONDS * config.SAMPLE_RATE, rng)
+        sf.write(folder / f"{kind}.wav", _at_level(wave, -22.0), config.SAMPLE_RATE,
+                 subtype="PCM_16")
+
+
+# ----------------------------------------------------------------------------- rendering jobs
+@dataclass(frozen=True)
+class Job:
+    """One file to write: a word by a speaker, or silence when ``word`` is a noise kind."""
+
+    relpath: str
+    word: str
+    speaker: int          # index into the speaker list; -1 for silence
+    seed: tuple[int, ...]
+
+
+def train_jobs(speakers: list[Speaker], seed: int) -> list[list[Job]]:
+    """All clips of the main dataset, grouped into ``SHARDS`` fixed shards of whole speakers."""
+    shards: list[list[Job]] = [[] for _ in range(SHARDS)]
+    for sp in speakers:
+        for w, word in enumerate(config.ALL_WORDS):
+            repeats = (config.SYNTH_KEYWORD_REPEATS if word in config.KEYWORDS
+                       else config.SYNTH_AUX_REPEATS)
+            for n in range(repeats):
+                shards[sp.index % SHARDS].append(
+                    Job(f"{word}/{sp.sid}_nohash_{n}.wav", word, sp.index,
+                        (seed, STREAM_CLIP, sp.index, w, n)))
+    return [shard for shard in shards if shard]
+
+
+def test_jobs(speakers: list[Speaker], per_class: int, seed: int) -> list[list[Job]]:
+    """The balanced test set: one shard per class, speakers from the testing split only."""
+    testers = [sp for sp in speakers if sp.split == "testing"]
+    shards = []
+    for c, label in enumerate(config.LABELS):
+        shard = []
+        for j in range(per_class):
+            rng_seed = (seed, STREAM_TEST, c, j)
+            sp = testers[j % len(testers)]
+            if label == "silence":
+                kind = NOISE_KINDS[j % len(NOISE_KINDS)]
+                shard.append(Job(f"{config.TEST_SILENCE_DIR}/{kind}_{j:04d}.wav", kind, -1,
+                                 rng_seed))
+            elif label == "unknown":
+                word = AUX_WORDS[j % len(AUX_WORDS)]
+                shard.append(Job(f"{config.TEST_UNKNOWN_DIR}/{word}_{sp.sid}_nohash_{j}.wav",
+                                 word, sp.index, rng_seed))
+            else:
+                # Utterance numbers above the training repeats: new takes, not copies.
+                n = 100 + j // len(testers)
+                shard.append(Job(f"{label}/{sp.sid}_nohash_{n}.wav", label, sp.index, rng_seed))
+        shards.append(shard)
+    return shards
+
+
+def render_job(job: Job, speakers: list[Speaker]) -> np.ndarray:
+    """The int16 samples of one job."""
+    rng = np.random.default_rng(list(job.seed))
+    if job.speaker < 0:
+        # Test silence: fresh noise (never cut from the training recordings), quiet to moderate.
+        return _at_level(make_noise(job.word, config.CLIP_SAMPLES, rng), rng.uniform(-65, -25))
+    return render_word(job.word, speakers[job.speaker], rng)
+
+
+def _render_shard(args: tuple[str, list[Job], list[Speaker]]) -> int:
+    """Worker: write every clip of one shard in order (a fresh process, so espeak starts clean)."""
+    root, jobs, speakers = args
+    for job in jobs:
+        sf.write(Path(root) / job.relpath, render_job(job, speakers), config.SAMPLE_RATE,
+                 subtype="PCM_16")
+    return len(jobs)
+
+
+def _run_shards(root: Path, shards: list[list[Job]], speakers: list[Speaker], workers: int,
+                desc: str) -> None:
+    """Render shards in spawned single-use processes, with a progress bar over clips."""
+    for folder in {str(Path(job.relpath).parent) for shard in shards for job in shard}:
+        (root / folder).mkdir(parents=True, exist_ok=True)
+    total = sum(len(shard) for shard in shards)
+    # spawn + one task per child: each shard starts from a pristine espeak-ng state.
+    context = mp.get_context("spawn")
+    with context.Pool(processes=max(1, min(workers, len(shards))), maxtasksperchild=1) as pool, \
+            tqdm(total=total, desc=desc, unit="clip") as bar:
+        for done in pool.imap_unordered(_render_shard,
+                                        [(str(root), shard, speakers) for shard in shards]):
+            bar.update(done)
+
+
+# ----------------------------------------------------------------------------- folders
+def _write_lists(root: Path, speakers: list[Speaker]) -> None:
+    """validation_list.txt and testing_list.txt: every clip of the speakers of that split."""
+    split_of = {sp.sid: sp.split for sp in speakers}
+    lists: dict[str, list[str]] = {"validation": [], "testing": []}
+    for path in sorted(root.glob("*/*_nohash_*.wav")):
+        split = split_of[path.name.split("_nohash_")[0]]
+        if split in lists:
+            lists[split].append(path.relative_to(root).as_posix())
+    for split, names in lists.items():
+        (root / f"{split}_list.txt").write_text("".join(name + "\n" for name in names))
+
+
+def read_marker(folder: Path) -> dict | None:
+    """The completion marker of a generated/extracted folder, or None if absent or unreadable."""
+    try:
+        return json.loads((folder / config.COMPLETE_MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def is_complete(folder: Path, expected: dict) -> bool:
+    """True if ``folder`` holds a finished generation with exactly these parameters."""
+    marker = read_marker(folder)
+    return marker is not None and all(marker.get(k) == v for k, v in expected.items())
+
+
+def _finish(partial: Path, target: Path, marker: dict) -> None:
+    """Write the marker last and move the finished folder into place (replacing an old one)."""
+    marker["files"] = sum(1 for _ in partial.rglob("*.wav"))
+    (partial / config.COMPLETE_MARKER).write_text(json.dumps(marker, indent=1) + "\n")
+    if target.exists():
+        old = target.with_name(target.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        target.rename(old)
+        shutil.rmtree(old)
+    partial.rename(target)
+
+
+def _fresh_partial(target: Path) -> Path:
+    """An empty work folder next to ``target``; leftovers of an interrupted run are removed."""
+    partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    return partial
+
+
+def train_params(speakers: int, seed: int) -> dict:
+    """What identifies a generated main dataset (stored in, and checked against, its marker)."""
+    return {"kind": "synthetic", "generator_version": GENERATOR_VERSION, "seed": seed,
+            "speakers": speakers, "keyword_repeats": config.SYNTH_KEYWORD_REPEATS,
+            "aux_repeats": config.SYNTH_AUX_REPEATS, "shards": SHARDS}
+
+
+def test_params(speakers: int, per_class: int, seed: int) -> dict:
+    """What identifies a generated balanced test set."""
+    return {**train_params(speakers, seed), "kind": "synthetic-test", "per_class": per_class}
+
+
+def generate_dataset(target: Path, speakers: int, seed: int = config.SEED,
+                     workers: int = 2) -> Path:
+    """Write a Speech Commands v2 style folder of synthetic speech to ``target``."""
+    target = Path(target)
+    partial = _fresh_partial(target)
+    people = make_speakers(speakers, seed)
+    write_background_noise(partial / config.BACKGROUND_NOISE_DIR, seed)
+    _run_shards(partial, train_jobs(people, seed), people, workers, "synthetic speech")
+    _write_lists(partial, people)
+    (partial / "speakers.json").write_text(json.dumps([asdict(sp) for sp in people], indent=0))
+    _finish(partial, target, train_params(speakers, seed))
+    return target
+
+
+def generate_test_set(target: Path, speakers: int, per_class: int, seed: int = config.SEED,
+                      workers: int = 2) -> Path:
+    """Write a balanced test folder like ``speech_commands_test_set_v0.02`` to ``target``."""
+    target = Path(target)
+    partial = _fresh_partial(target)
+    people = make_speakers(speakers, seed)
+    _run_shards(partial, test_jobs(people, per_class, seed), people, workers, "synthetic test set")
+    _finish(partial, target, test_params(speakers, per_class, seed))
+    return target
+
+
+def ensure_synthetic(train_dir: Path, test_dir: Path, speakers: int, per_class: int,
+                     seed: int = config.SEED, workers: int = 2) -> tuple[Path, Path]:
+    """Generate whichever of the two folders is missing, incomplete or made with other settings."""
+    train_dir, test_dir = Path(train_dir), Path(test_dir)
+    if not is_complete(train_dir, train_params(speakers, seed)):
+        if train_dir.exists():
+            print(f"{train_dir} is incomplete or was made with other settings: regenerating.")
+        generate_dataset(train_dir, speakers, seed, workers)
+    if not is_complete(test_dir, test_params(speakers, per_class, seed)):
+        if test_dir.exists():
+            print(f"{test_dir} is incomplete or was made with other settings: regenerating.")
+        generate_test_set(test_dir, speakers, per_class, seed, workers)
+    return train_dir, test_dir
