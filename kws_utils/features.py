@@ -8,6 +8,15 @@ Pipeline (reference: mlcommons/tiny, keyword_spotting/get_dataset.py):
 
 The stages are separate functions so that a streaming front end can compute the mel energies of
 single new frames (``mel_energies``) and apply the final step (``mfcc_from_mel``) on its own.
+
+Where we knowingly differ from the reference code (its features are matched to 1e-5, see
+tests/test_features.py):
+- A clip with max <= 0 is scaled by its largest |x| (the reference gives NaN/inf), see peak_scale.
+- A clip longer than 1 s is cropped after scaling (the reference fails on it).
+- The reference's time shift is pinned to zero (it pads 2 samples and slices from 2) although its
+  flags declare +-100 ms; we shift each clip at random by up to MAX_SHIFT_SAMPLES.
+- The reference draws the noise recording, offset and gain with numpy while tf.data traces the
+  map function, i.e. once for the whole run; we draw them per clip, as its flags describe.
 """
 from __future__ import annotations
 
@@ -36,9 +45,12 @@ MAX_SHIFT_SAMPLES = config.SAMPLE_RATE // 10
 # decode_wav (which the reference uses for background noise) maps int16 to [-1, 1) this way.
 INT16_SCALE = 32768.0
 # The spectral stages run in float64 by default: then we match the reference maths to ~1e-5.
-# float32 is ~7x faster on CPU and agrees to ~1e-5 on speech, but on a pure tone the FFT rounding
+# float32 is ~2x faster on CPU and agrees to ~1e-5 on speech, but on a pure tone the FFT rounding
 # of far-off bins (|X| ~ 1e-4) moves the MFCC by a few 1e-3 - so does TF's own float32 run.
 COMPUTE_DTYPE = torch.float64
+# Clips per batch in compute_features: ~100 clips of float64 frames stay in cache; thousands
+# at once are memory-bound and run 2-3x slower on CPU (see benchmarks/bench_features.py).
+BATCH_SIZE = 128
 
 Array = np.ndarray | torch.Tensor
 
@@ -90,10 +102,10 @@ def hann_window(dtype: torch.dtype = torch.float32) -> torch.Tensor:
 def as_batch(wave: Array) -> tuple[torch.Tensor, bool]:
     """Check a clip (T,) or batch (N, T) and return it as a 2-D tensor plus 'was it one clip'."""
     tensor = torch.as_tensor(wave)
-    if tensor.ndim not in (1, 2) or tensor.shape[-1] == 0 or tensor.numel() == 0:
+    if tensor.ndim not in (1, 2) or tensor.numel() == 0:
         raise ValueError(f"Expected one clip of shape (T,) or a batch of shape (N, T) with T > 0 "
                          f"samples, got shape {tuple(tensor.shape)}. Pass the waveform itself "
-                         "(e.g. data.load_audio(path)), stacking clips of equal length for a batch.")
+                         "(e.g. data.load_audio(path)); stack equal-length clips for a batch.")
     if tensor.is_complex() or tensor.dtype == torch.bool:
         raise ValueError(f"Expected an int16 or float waveform, got dtype {tensor.dtype}.")
     return (tensor[None], True) if tensor.ndim == 1 else (tensor, False)
@@ -121,7 +133,7 @@ def peak_scale(x: torch.Tensor) -> torch.Tensor:
 
 
 def normalize(wave: Array) -> torch.Tensor:
-    """Waveform(s) -> float32 divided by the clip's max, then padded/cropped to 1 s: (..., 16000)."""
+    """Waveform(s) -> float32 divided by each clip's max, padded/cropped to (..., 16000)."""
     x, single = as_batch(wave)
     x = x.to(torch.float32)
     x = fix_length(x / peak_scale(x))
@@ -131,7 +143,7 @@ def normalize(wave: Array) -> torch.Tensor:
 # ----------------------------------------------------------------------------- spectral stages
 
 def split_frames(x: torch.Tensor) -> torch.Tensor:
-    """(..., 16000) -> (..., 49, 480) overlapping frames, no padding at the end (TF stft default)."""
+    """(..., 16000) -> (..., 49, 480) overlapping frames, no end padding (TF stft default)."""
     return x.unfold(-1, config.FRAME_LENGTH, config.FRAME_STEP)
 
 
@@ -175,7 +187,7 @@ def time_shift(clips: torch.Tensor, generator: torch.Generator,
 
 
 def noise_tensor(noise: Array) -> torch.Tensor:
-    """One background recording as a 1-D float32 tensor in [-1, 1] (int16 is scaled like decode_wav)."""
+    """One background recording as 1-D float32 in [-1, 1] (int16 is scaled like decode_wav)."""
     tensor = torch.as_tensor(noise)
     if tensor.ndim != 1 or tensor.shape[0] < config.CLIP_SAMPLES:
         raise ValueError(f"Each background noise must be 1-D with at least {config.CLIP_SAMPLES} "
@@ -189,8 +201,7 @@ def noise_tensor(noise: Array) -> torch.Tensor:
 def mix_background(clips: torch.Tensor, noise_bank: Sequence[Array], generator: torch.Generator,
                    prob: float = BACKGROUND_FREQUENCY,
                    max_volume: float = BACKGROUND_VOLUME) -> torch.Tensor:
-    """Add a random 1 s noise segment at gain U[0, max_volume] to a share ``prob`` of clips (N, T),
-    then clip to [-1, 1]."""
+    """Add a random 1 s noise segment at gain U[0, max_volume] to ``prob`` of clips; clip to +-1."""
     if len(noise_bank) == 0:
         raise ValueError("noise_bank is empty: pass the background recordings (a list of 1-D "
                          "arrays), or skip mix_background for no noise.")
@@ -218,13 +229,13 @@ def augmented_mfcc(waves: Array, noise_bank: Sequence[Array], generator: torch.G
     """Training features: normalise -> time shift -> add background noise -> clip -> MFCC."""
     x, single = as_batch(waves)
     x = time_shift(normalize(x), generator, max_shift_samples)
-    features = mfcc_from_normalized(mix_background(x, noise_bank, generator), dtype)
-    return features[0] if single else features
+    feats = mfcc_from_normalized(mix_background(x, noise_bank, generator), dtype)
+    return feats[0] if single else feats
 
 
 # ----------------------------------------------------------------------------- datasets
 
-def compute_features(waves: Array, batch_size: int = 1000,
+def compute_features(waves: Array, batch_size: int = BATCH_SIZE,
                      augment: tuple[Sequence[Array], torch.Generator] | None = None,
                      desc: str = "MFCC", dtype: torch.dtype = COMPUTE_DTYPE) -> torch.Tensor:
     """Features of (N, T) clips in batches with a progress bar -> float32 (N, 1, 49, 10)."""

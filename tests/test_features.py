@@ -22,7 +22,7 @@ def reference() -> dict[str, np.ndarray]:
         return {key: data[key] for key in data.files}
 
 
-def clips(reference: dict[str, np.ndarray]) -> list[tuple[str, np.ndarray]]:
+def fixture_clips(reference: dict[str, np.ndarray]) -> list[tuple[str, np.ndarray]]:
     """(name, waveform) of every fixture clip."""
     return [(str(name), reference[f"wave_{i:02d}"]) for i, name in enumerate(reference["names"])]
 
@@ -42,14 +42,14 @@ def test_mel_matrix_matches_tensorflow(reference: dict[str, np.ndarray]) -> None
 
 def test_mfcc_matches_tensorflow_float64(reference: dict[str, np.ndarray]) -> None:
     """Every clip agrees with the reference pipeline run by TF in float64."""
-    for i, (name, wave) in enumerate(clips(reference)):
+    for i, (name, wave) in enumerate(fixture_clips(reference)):
         got = features.mfcc(wave).numpy()
         np.testing.assert_allclose(got, reference["mfcc_float64"][i], atol=1e-4, err_msg=name)
 
 
 def test_mfcc_matches_mlperf_reference_float32(reference: dict[str, np.ndarray]) -> None:
     """Every clip agrees to 1e-3 with the reference exactly as MLPerf runs it (TF float32)."""
-    for i, (name, wave) in enumerate(clips(reference)):
+    for i, (name, wave) in enumerate(fixture_clips(reference)):
         atol = TOLERANCE_VS_TF_FLOAT32.get(name, 1e-3)
         np.testing.assert_allclose(features.mfcc(wave).numpy(), reference["mfcc"][i],
                                    atol=atol, err_msg=name)
