@@ -41,6 +41,7 @@ import math
 import sys
 import warnings
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -308,6 +309,7 @@ class TINPUTinyMLQuantFxModule(nn.Module):
         self.qconfig_type = normalize_qconfig_type(qconfig_type)
         self.example_inputs = _as_example_tuple(example_inputs)
         self.module = _prepare(model, make_qconfig(self.qconfig_type), self.example_inputs)
+        # verbose is accepted for TI compatibility; this implementation prints nothing
         self.total_epochs, self.is_qat, self.output_int, self.verbose = (
             total_epochs, is_qat, output_int, verbose)
         self.num_batch_norm_update_epochs = num_batch_norm_update_epochs
@@ -371,23 +373,22 @@ class TINPUTinyMLQuantFxModule(nn.Module):
                input_names: list[str] | None = None, output_names: list[str] | None = None,
                model_qconfig_format: str = TinyMLModelQConfigFormat.TINPU_INT_MODEL,
                opset_version: int = 17, **_: Any) -> Path:
-        """Write the integer model (default) or the fake-quantized QDQ model as ONNX."""
+        """Write the converted integer model (default) or its QDQ (fake-quant) form as ONNX."""
         from kws_utils import export as kws_export
-        names = dict(input_names=input_names or ["input"], output_names=output_names or ["output"])
-        if model_qconfig_format in (TinyMLModelQConfigFormat.QDQ_MODEL,
-                                    TinyMLModelQConfigFormat.FAKEQ_MODEL):
-            return kws_export.export_qdq_onnx(self.module, example_input, filename,
-                                              opset_version=opset_version, **names)
         if model_qconfig_format not in (TinyMLModelQConfigFormat.TINPU_INT_MODEL,
-                                        TinyMLModelQConfigFormat.INT_MODEL):
+                                        TinyMLModelQConfigFormat.INT_MODEL,
+                                        TinyMLModelQConfigFormat.QDQ_MODEL):
             raise ValueError(f"model_qconfig_format {model_qconfig_format!r}: use TINPU_INT_MODEL "
                              "or QDQ_MODEL (see TinyMLModelQConfigFormat).")
         if self.integer_model is None:
-            raise RuntimeError("export() writes the integer model: call .convert() first "
-                               "(after calibration or QAT), or pass "
-                               "model_qconfig_format=TinyMLModelQConfigFormat.QDQ_MODEL.")
-        return self.integer_model.export(example_input, filename, opset_version=opset_version,
-                                         **names)
+            raise RuntimeError("export() needs the converted model: call .convert() first "
+                               "(after calibrating (PTQ) or training (QAT) the wrapper).")
+        if model_qconfig_format == TinyMLModelQConfigFormat.QDQ_MODEL:
+            self.integer_model.quantize_input(example_input)  # shape check with a clear message
+            return kws_export.export_qdq_onnx(self.integer_model, filename, input_names,
+                                              output_names, opset_version)
+        return self.integer_model.export(example_input, filename, input_names=input_names,
+                                         output_names=output_names, opset_version=opset_version)
 
 
 class TINPUTinyMLQATFxModule(TINPUTinyMLQuantFxModule):
@@ -541,28 +542,28 @@ def build_integer_model(prepared: torch.fx.GraphModule, example_inputs: tuple, w
     """Read a prepared (fake-quant) FX model, layer by layer, into an IntegerModel."""
     graph_module = copy.deepcopy(prepared).eval()
     ShapeProp(graph_module).propagate(*example_inputs)   # records the tensor shapes on nodes
-    modules = dict(graph_module.named_modules())
     input_fq, current, pending, layers = None, None, None, []
     for node in graph_module.graph.nodes:
         if node.op in ("placeholder", "output"):
             continue
-        mod = modules.get(node.target) if node.op == "call_module" else None
+        # get_submodule, not named_modules(): shared quantizers appear there under one name only
+        mod = graph_module.get_submodule(node.target) if node.op == "call_module" else None
         if isinstance(mod, FakeQuantize):
             if pending is not None:
                 layers.append(pending(mod))
                 pending = None
             elif current is not None and _act_range(mod) != _act_range(current):
                 raise NotImplementedError(f"{node.name} requantizes without a layer; not supported.")
-            input_fq = input_fq or mod
+            input_fq = mod if input_fq is None else input_fq
             current = mod
         elif isinstance(mod, _WEIGHTED) and current is not None and pending is None:
-            pending = (lambda out, n=node.target, m=mod, s=_act_range(current)[0]:
-                       _weighted_layer(n, m, s, out, weight_bits))
+            pending = partial(_weighted_layer, node.target, mod, _act_range(current)[0],
+                              bits=weight_bits)
         elif isinstance(mod, nn.AdaptiveAvgPool2d) and current is not None and pending is None:
             if mod.output_size not in (1, (1, 1)):
                 raise NotImplementedError(f"{node.target}: only global pooling (output 1x1) is supported.")
             area = math.prod(node.args[0].meta["tensor_meta"].shape[2:])
-            pending = (lambda out, n=node.target, i=current, a=area: _pool_layer(n, i, out, a))
+            pending = partial(_pool_layer, node.target, current, area=area)
         elif not isinstance(mod, _PASS_THROUGH):
             what = type(mod).__name__ if mod is not None else f"{node.op} {node.target}"
             raise NotImplementedError(
@@ -581,15 +582,15 @@ def _requantize(acc: torch.Tensor, layer: IntLayer, shape: list[int]) -> torch.T
 
 
 def run_layer(layer: IntLayer, x: torch.Tensor) -> torch.Tensor:
-    """One integer layer on int64 activations (float64 carries the products exactly)."""
+    """One integer layer on int64 activations (float32 is exact: accumulators < 2**24)."""
     if layer.op == "avgpool":
         return _requantize(x.sum(dim=(2, 3)), layer, [1, -1])
-    weight = torch.from_numpy(layer.weight).double()
-    bias = torch.from_numpy(layer.bias).double()
+    weight = torch.from_numpy(layer.weight).float()
+    bias = torch.from_numpy(layer.bias).float()
     if layer.op == "conv":
-        acc = F.conv2d(x.double(), weight, bias, layer.stride, layer.padding, groups=layer.groups)
+        acc = F.conv2d(x.float(), weight, bias, layer.stride, layer.padding, groups=layer.groups)
         return _requantize(acc.long(), layer, [1, -1, 1, 1])
-    return _requantize(F.linear(x.double(), weight, bias).long(), layer, [1, -1])
+    return _requantize(F.linear(x.float(), weight, bias).long(), layer, [1, -1])
 
 
 class IntegerModel(nn.Module):

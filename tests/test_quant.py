@@ -1,0 +1,283 @@
+"""Tests of kws_utils.quant: TI-style QAT/PTQ wrappers and the TI NPU integer model."""
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from kws_utils import config, data, export, model, quant
+
+BITS = (8, 4, 2)
+
+
+def _random_dscnn() -> model.DSCNN:
+    """A seeded DS-CNN whose BatchNorm statistics are not the identity."""
+    torch.manual_seed(0)
+    net = model.DSCNN().train()
+    with torch.no_grad():
+        for _ in range(3):
+            net(torch.randn(64, *config.INPUT_SHAPE) * 8)
+    return net.eval()
+
+
+@functools.lru_cache(maxsize=None)
+def _converted(bits: int) -> tuple[quant.TINPUTinyMLPTQFxModule, quant.IntegerModel, torch.Tensor]:
+    """PTQ wrapper calibrated on random inputs, its integer model, and held-out inputs."""
+    torch.manual_seed(1)
+    x = torch.randn(384, *config.INPUT_SHAPE) * 8
+    wrapper = quant.TINPUTinyMLPTQFxModule(_random_dscnn(), total_epochs=1,
+                                           qconfig_type=quant.qconfig_for(bits))
+    wrapper.eval()
+    with torch.no_grad():
+        wrapper(x[:128])
+        wrapper(x[128:256])
+    return wrapper, wrapper.convert(output="float"), x[256:]
+
+
+def _is_power2(values: np.ndarray) -> bool:
+    """True when every value is an exact power of two."""
+    mantissa, _ = np.frexp(np.asarray(values, dtype=np.float64))
+    return bool(np.all(mantissa == 0.5))
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_integer_model_tracks_fake_quant_model(bits: int) -> None:
+    wrapper, int_model, x = _converted(bits)
+    with torch.no_grad():
+        fake, integer = wrapper(x), int_model(x)
+    lsb = int_model.output_scale
+    assert (fake - integer).abs().max().item() <= 3 * lsb
+    assert (fake.argmax(1) == integer.argmax(1)).float().mean().item() >= 0.9
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_integer_weights_fit_the_bitwidth(bits: int) -> None:
+    _, int_model, _ = _converted(bits)
+    limit = 2 ** (bits - 1) - 1   # symmetric: int8 [-127, 127], int4 [-7, 7], int2 [-1, 1]
+    weighted = [l for l in int_model.layers if l.weight is not None]
+    assert len(weighted) == 10
+    for layer in weighted:
+        assert layer.weight.dtype == np.int8 and layer.bias.dtype == np.int32
+        assert np.abs(layer.weight).max() <= limit
+        assert layer.weight_bits == bits
+    if bits == 2:
+        assert set(np.unique(np.concatenate([l.weight.ravel() for l in weighted]))) <= {-1, 0, 1}
+
+
+def test_int8_scales_are_powers_of_two() -> None:
+    _, int_model, _ = _converted(8)
+    assert _is_power2([int_model.input_scale])
+    for layer in int_model.layers:
+        assert _is_power2([layer.output_scale])
+        if layer.weight is not None:
+            assert _is_power2(layer.weight_scale)
+            assert np.all(layer.mult == 1)   # power-of-2 everywhere: requantization is a shift
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_requantization_constants_in_hardware_range(bits: int) -> None:
+    _, int_model, _ = _converted(bits)
+    for layer in int_model.layers:
+        assert np.all((layer.mult >= 1) & (layer.mult < 2 ** quant.MULT_BITS))
+        assert np.all((layer.shift >= 0) & (layer.shift <= 31))
+        assert layer.offset.dtype == np.int32
+
+
+def test_batchnorm_and_relu_are_folded() -> None:
+    _, int_model, _ = _converted(8)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in int_model.modules())
+    assert [l.op for l in int_model.layers] == ["conv"] * 9 + ["avgpool", "linear"]
+    assert all(l.qmin == 0 and l.qmax == 255 for l in int_model.layers[:-1])  # ReLU in the clamp
+    assert (int_model.layers[-1].qmin, int_model.layers[-1].qmax) == (-128, 127)
+
+
+def test_int8_output_mode_gives_int8_logits() -> None:
+    _, int_model, x = _converted(8)
+    float_out = int_model(x)
+    int_model.output = "int8"
+    try:
+        codes = int_model(x)
+    finally:
+        int_model.output = "float"
+    assert codes.dtype == torch.int8
+    assert torch.equal(codes.float() * int_model.output_scale, float_out)
+
+
+def test_requant_params_approximate_the_real_multiplier() -> None:
+    offset, mult, shift = quant.requant_params(np.array([2.0 ** -7, 0.0123, 1 / 125]))
+    assert mult[0] == 1 and shift[0] == 7 and offset[0] == 64
+    approx = mult * 2.0 ** -shift.astype(np.float64)
+    assert np.allclose(approx[1:], [0.0123, 1 / 125], rtol=1 / 128)
+    with pytest.raises(ValueError, match="out of range"):
+        quant.requant_params(np.array([1000.0]))
+
+
+def test_qconfig_helpers() -> None:
+    assert quant.normalize_qconfig_type(None) == quant.normalize_qconfig_type(quant.qconfig_for(8))
+    assert quant.qconfig_for(4)["weight"]["power2_scale"] is False
+    assert quant.normalize_qconfig_type(quant.qconfig_for(2))["weight"]["quant_min"] == -1
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"weight": {"bitwidth": 3}}, "weight bitwidth"),
+    ({"activation": {"bitwidth": 4}}, "activation bitwidth"),
+    ({"weight": {"bitwidth": 8, "power2_scale": False}}, "power2_scale=True"),
+    ({"weight": {"qscheme": torch.per_tensor_affine}}, "weight qscheme"),
+    ({"activation": {"qscheme": torch.per_channel_symmetric}}, "activation qscheme"),
+    ({"weight": {"bitwidth": 4, "quant_min": -9}}, "does not fit"),
+    ({"weight": {"colour": 1}}, "unknown keys"),
+])
+def test_unsupported_settings_raise(change: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        quant.TINPUTinyMLQATFxModule(model.DSCNN(), total_epochs=1, qconfig_type=change)
+
+
+def test_convert_before_calibration_raises() -> None:
+    wrapper = quant.TINPUTinyMLPTQFxModule(model.DSCNN(), total_epochs=1)
+    with pytest.raises(RuntimeError, match="calibration"):
+        wrapper.convert()
+
+
+def test_export_before_convert_raises(tmp_path) -> None:
+    wrapper = quant.TINPUTinyMLPTQFxModule(model.DSCNN(), total_epochs=1)
+    with pytest.raises(RuntimeError, match=r"convert\(\) first"):
+        wrapper.export(torch.zeros(1, *config.INPUT_SHAPE), tmp_path / "m.onnx")
+
+
+class _Untraceable(nn.Module):
+    """Python control flow on a tensor value: FX cannot trace it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Branch on the data."""
+        return self.conv(x) if x.sum() > 0 else self.conv(-x)
+
+
+class _UnsupportedOp(nn.Module):
+    """A conv followed by a multiplication the NPU export does not know."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Conv, then times two."""
+        return self.conv(x) * 2
+
+
+def test_untraceable_model_raises_with_advice() -> None:
+    with pytest.raises(TypeError, match="could not trace"):
+        quant.TINPUTinyMLQATFxModule(_Untraceable(), total_epochs=1)
+
+
+def test_unsupported_layer_raises_at_convert() -> None:
+    wrapper = quant.TINPUTinyMLPTQFxModule(_UnsupportedOp(), total_epochs=1,
+                                           example_inputs=torch.randn(2, 1, 8, 8))
+    wrapper.eval()
+    with torch.no_grad():
+        wrapper(torch.randn(4, 1, 8, 8))
+    with pytest.raises(NotImplementedError, match="no TI NPU integer form"):
+        wrapper.convert()
+
+
+def _frozen(wrapper: quant.TINPUTinyMLQuantFxModule) -> tuple[bool, bool]:
+    """(BatchNorm frozen, observers frozen) as seen on the first conv and its quantizer."""
+    conv1 = wrapper.module.conv1
+    return bool(conv1.freeze_bn), not bool(conv1.weight_fake_quant.observer_enabled[0])
+
+
+def test_qat_schedule_freezes_bn_then_observers() -> None:
+    wrapper = quant.TINPUTinyMLQATFxModule(model.DSCNN(), total_epochs=4)
+    seen = []
+    for _ in range(4):
+        wrapper.train()
+        seen.append(_frozen(wrapper))
+        wrapper.eval()
+    # TI's rule: BN frozen from epoch total//2 - 1, observers from epoch total//2 + 1
+    assert seen == [(False, False), (True, False), (True, False), (True, True)]
+
+
+def test_qat_step_trains_and_converts() -> None:
+    torch.manual_seed(0)
+    wrapper = quant.TINPUTinyMLQATFxModule(model.DSCNN(), total_epochs=1,
+                                           qconfig_type=quant.qconfig_for(4))
+    optimizer = torch.optim.SGD(wrapper.parameters(), lr=0.1)
+    before = wrapper.module.fc6.weight.detach().clone()
+    wrapper.train()
+    x, y = torch.randn(32, *config.INPUT_SHAPE), torch.randint(0, 12, (32,))
+    nn.functional.cross_entropy(wrapper(x), y).backward()
+    optimizer.step()
+    assert not torch.equal(before, wrapper.module.fc6.weight)
+    wrapper.eval()
+    assert len(wrapper.convert().layers) == 11
+
+
+def test_ptq_keeps_bn_frozen_and_weights_fixed() -> None:
+    wrapper = quant.TINPUTinyMLPTQFxModule(model.DSCNN(), total_epochs=2)
+    wrapper.train()
+    assert _frozen(wrapper) == (True, False)
+    assert not any(p.requires_grad for p in wrapper.parameters())
+
+
+def test_quant_backend_switch(monkeypatch) -> None:
+    monkeypatch.delenv("KWS_QUANT_BACKEND", raising=False)
+    assert quant.quant_backend() is quant
+    monkeypatch.setenv("KWS_QUANT_BACKEND", "nonsense")
+    with pytest.raises(ValueError, match="KWS_QUANT_BACKEND"):
+        quant.quant_backend()
+
+
+def test_ti_backend_when_installed(monkeypatch) -> None:
+    pytest.importorskip("tinyml_torchmodelopt")
+    monkeypatch.setenv("KWS_QUANT_BACKEND", "ti")
+    backend = quant.quant_backend()
+    assert hasattr(backend, "TINPUTinyMLQATFxModule") and hasattr(backend, "TINPUTinyMLPTQFxModule")
+
+
+# ----------------------------------------------------------------------------------------------
+# Real data: the MLPerf reference DS-CNN, PTQ on kws01 files 0..199, ONNX on files 200..999
+# ----------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def _real_data() -> tuple[torch.Tensor, torch.Tensor, model.DSCNN, float]:
+    """kws01 inputs, labels, the reference model and its float accuracy on files 200..999."""
+    x, y, _ = data.load_kws01()
+    ref = model.reference_model()
+    with torch.no_grad():
+        float_acc = (ref(x[200:]).argmax(1) == y[200:]).float().mean().item()
+    return x, y, ref, float_acc
+
+
+def _ptq_onnx_accuracy(bits: int, tmp_path) -> float:
+    """Accuracy of the exported integer ONNX model after PTQ on the first 200 files."""
+    x, y, ref, _ = _real_data()
+    wrapper = quant.TINPUTinyMLPTQFxModule(ref, total_epochs=1, qconfig_type=quant.qconfig_for(bits))
+    wrapper.eval()
+    with torch.no_grad():
+        for i in range(0, 200, 50):
+            wrapper(x[i:i + 50])
+    int_model = wrapper.convert()
+    path = int_model.export(x[:1], tmp_path / f"kws_int{bits}.onnx", input_names=["input"])
+    logits = export.onnx_predict(path, x[200:])
+    assert np.array_equal(logits, int_model(x[200:]).numpy())
+    return float((logits.argmax(1) == y[200:].numpy()).mean())
+
+
+needs_mlperf = pytest.mark.skipif(not (config.mlperf_dir() / "kws01").is_dir(),
+                                  reason="MLPerf kws01 artifacts absent")
+
+
+@needs_mlperf
+@pytest.mark.parametrize("bits, allowed_drop", [(8, 0.005), (4, 0.015), (2, math.inf)])
+def test_real_data_ptq_accuracy_through_onnx(bits: int, allowed_drop: float, tmp_path) -> None:
+    float_acc = _real_data()[3]
+    acc = _ptq_onnx_accuracy(bits, tmp_path)
+    print(f"\nPTQ int{bits} via ONNX on kws01[200:]: {acc:.2%} (float {float_acc:.2%})")
+    assert abs(float_acc - 0.906) < 0.002
+    assert 0.0 <= acc <= 1.0 and acc >= float_acc - allowed_drop
