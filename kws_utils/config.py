@@ -143,3 +143,14 @@ def quant_backend_choice() -> str:
         raise ValueError(f"KWS_QUANT_BACKEND={choice!r}: use 'course' (kws_utils.quant) or 'ti' "
                          "(TI's tinyml_torchmodelopt, if installed).")
     return choice
+
+
+# Streaming detection (notebook 06): a decision every hop on the last 1 s, posteriors averaged
+# over a span, a threshold and a refractory period. The hop must be a multiple of FRAME_STEP.
+STREAM_HOP_MS = 100
+STREAM_SMOOTH_MS = 300
+STREAM_THRESHOLD = 0.6
+STREAM_REFRACTORY_MS = 1000
+STREAM_SNR_DB = 20.0           # speech-to-background level of the long test recording
+# (keyword clips, distractor "unknown" clips) in the long test recording of each profile.
+STREAM_CLIPS = {"default": (150, 50), "ci": (16, 6)}

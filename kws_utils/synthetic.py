@@ -6,8 +6,9 @@ comes from espeak-ng (shipped by the ``espeakng-loader`` wheel, called through c
 differ in voice, rate and pitch, clips differ in level, timing, noise and filtering.
 
 Determinism: every random choice comes from a numpy generator seeded by (seed, what is drawn).
-espeak-ng itself carries state from one utterance to the next, so clips are rendered in fixed
-shards, each in a freshly spawned process, always in the same order: same seed, same bytes.
+espeak-ng itself carries hidden state from one utterance to the next (e.g. its pitch flutter), so
+clips are rendered in fixed shards, in a fixed order, each by a private, freshly loaded copy of
+the library: same seed, same bytes, whatever the number of worker processes.
 """
 from __future__ import annotations
 
@@ -17,18 +18,21 @@ import json
 import multiprocessing as mp
 import re
 import shutil
+import tempfile
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import soundfile as sf
-from scipy.signal import butter, resample_poly, sosfilt
+from scipy.signal import butter, firwin, resample_poly, sosfilt
 from tqdm.auto import tqdm
 
 from kws_utils import config
 
 GENERATOR_VERSION = 1      # bump when the output changes, so old folders are regenerated
-SHARDS = 16                # fixed, so the bytes do not depend on how many workers run them
+SHARD_SPEAKERS = 10        # speakers per shard: fixed, so the bytes never depend on the workers
+WORKERS = 2                # processes rendering shards (the course machines have 2 cores)
 NOISE_SECONDS = 60         # like the real background recordings (about 1 min each)
 NOISE_KINDS = ("white_noise", "pink_noise", "brown_noise", "running_tap", "fan_hum",
                "doing_the_dishes")
@@ -49,17 +53,26 @@ STREAM_SPEAKER_IDS, STREAM_SPEAKER, STREAM_CLIP, STREAM_NOISE, STREAM_TEST = ran
 
 
 # ----------------------------------------------------------------------------- espeak-ng
+_LIBC = ctypes.CDLL(None)
+
+
 class Espeak:
-    """A ctypes binding of the few espeak-ng calls needed to render one word to a waveform."""
+    """A private instance of espeak-ng (its own copy of the library) that renders words."""
 
     _RATE, _VOLUME, _PITCH, _RANGE = 1, 2, 3, 4      # espeak_PARAMETER values (speak_lib.h)
     _SYNCHRONOUS, _POS_CHARACTER, _CHARS_UTF8 = 2, 1, 1
 
     def __init__(self) -> None:
-        """Load the bundled library and data, and route synthesized audio into a buffer."""
+        """Load a fresh copy of the bundled library, so no state from earlier use leaks in."""
         import espeakng_loader
 
-        self._lib = ctypes.CDLL(espeakng_loader.get_library_path())
+        self._lib: ctypes.CDLL | None = None
+        # dlopen returns the already-loaded library for a known path, with its global state;
+        # a copy under a new name gets pristine globals.
+        self._tmp = Path(tempfile.mkdtemp(prefix="kws_espeak_"))
+        private = self._tmp / "libespeak-ng-private.so"
+        shutil.copyfile(espeakng_loader.get_library_path(), private)
+        self._lib = ctypes.CDLL(str(private))
         callback_type = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short),
                                          ctypes.c_int, ctypes.c_void_p)
         self._chunks: list[np.ndarray] = []
@@ -67,8 +80,27 @@ class Espeak:
         data_parent = str(Path(espeakng_loader.get_data_path()).parent).encode()
         self.sample_rate = self._lib.espeak_Initialize(self._SYNCHRONOUS, 0, data_parent, 0)
         if self.sample_rate <= 0:
+            self.close()
             raise RuntimeError("espeak-ng failed to initialise (espeakng-loader data missing?).")
         self._lib.espeak_SetSynthCallback(self._callback)
+
+    def __enter__(self) -> "Espeak":
+        """Use as a context manager so the library copy is always released."""
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """Release the library on leaving the ``with`` block."""
+        self.close()
+
+    def close(self) -> None:
+        """Free espeak's memory, unload the private library and delete its copy."""
+        import _ctypes
+
+        if self._lib is not None:
+            self._lib.espeak_Terminate()
+            _ctypes.dlclose(self._lib._handle)
+            self._lib = None
+        shutil.rmtree(self._tmp, ignore_errors=True)
 
     def _collect(self, wav: ctypes.POINTER(ctypes.c_short), n: int, _events: int) -> int:
         """Synthesis callback: copy each audio block; returning 0 lets synthesis continue."""
@@ -76,8 +108,13 @@ class Espeak:
             self._chunks.append(np.ctypeslib.as_array(wav, shape=(n,)).copy())
         return 0
 
-    def speak(self, text: str, voice: str, rate: int, pitch: int, pitch_range: int) -> np.ndarray:
+    def speak(self, text: str, voice: str, rate: int, pitch: int, pitch_range: int,
+              noise_seed: int = 0) -> np.ndarray:
         """Render ``text`` with a voice and prosody; int16 samples at ``self.sample_rate``."""
+        # Breathy variants draw random numbers: espeak's own generator is seeded from the clock
+        # at start-up, and some paths use the C library's rand(); seed both for every clip.
+        self._lib.espeak_ng_SetRandSeed(ctypes.c_long(noise_seed))
+        _LIBC.srand(noise_seed)
         if self._lib.espeak_SetVoiceByName(voice.encode()) != 0:
             raise ValueError(f"espeak-ng has no voice {voice!r}.")
         for param, value in ((self._RATE, rate), (self._PITCH, pitch), (self._RANGE, pitch_range),
@@ -90,17 +127,6 @@ class Espeak:
         if status != 0 or not self._chunks:
             raise RuntimeError(f"espeak-ng could not speak {text!r} with {voice!r} ({status}).")
         return np.concatenate(self._chunks)
-
-
-_ENGINE: Espeak | None = None
-
-
-def engine() -> Espeak:
-    """The process-wide espeak-ng instance (the library holds global state, so only one)."""
-    global _ENGINE
-    if _ENGINE is None:
-        _ENGINE = Espeak()
-    return _ENGINE
 
 
 # ----------------------------------------------------------------------------- speakers
@@ -181,14 +207,15 @@ def make_speakers(n_speakers: int, seed: int) -> list[Speaker]:
 
 
 # ----------------------------------------------------------------------------- one clip
-def _mic_filter(speaker: Speaker) -> np.ndarray | None:
-    """Second-order sections of the speaker's band limits, or None for a flat response."""
+@lru_cache(maxsize=64)
+def _mic_filter(lowpass_hz: float, highpass_hz: float) -> np.ndarray | None:
+    """Second-order sections of a speaker's band limits (0 = none), or None for flat."""
     nyquist = config.SAMPLE_RATE / 2
     sections = []
-    if speaker.lowpass_hz:
-        sections.append(butter(2, speaker.lowpass_hz / nyquist, "low", output="sos"))
-    if speaker.highpass_hz:
-        sections.append(butter(2, speaker.highpass_hz / nyquist, "high", output="sos"))
+    if lowpass_hz:
+        sections.append(butter(2, lowpass_hz / nyquist, "low", output="sos"))
+    if highpass_hz:
+        sections.append(butter(2, highpass_hz / nyquist, "high", output="sos"))
     return np.concatenate(sections) if sections else None
 
 
@@ -198,10 +225,17 @@ def _trim(wave: np.ndarray, rel_threshold: float = 0.01) -> np.ndarray:
     return wave[loud[0]:loud[-1] + 1] if loud.size else wave
 
 
+@lru_cache(maxsize=4)
+def _resampler(up: int, down: int) -> np.ndarray:
+    """The anti-alias FIR scipy's resample_poly would design, built once instead of per clip."""
+    return firwin(2 * 10 * max(up, down) + 1, 1 / max(up, down), window=("kaiser", 5.0))
+
+
 def _to_16k(wave: np.ndarray, rate: int) -> np.ndarray:
     """Resample float audio from espeak's rate to the dataset rate."""
-    gcd = np.gcd(rate, config.SAMPLE_RATE)
-    return resample_poly(wave, config.SAMPLE_RATE // gcd, rate // gcd)
+    gcd = int(np.gcd(rate, config.SAMPLE_RATE))
+    up, down = config.SAMPLE_RATE // gcd, rate // gcd
+    return resample_poly(wave, up, down, window=_resampler(up, down))
 
 
 def _to_int16(wave: np.ndarray) -> np.ndarray:
@@ -209,19 +243,21 @@ def _to_int16(wave: np.ndarray) -> np.ndarray:
     return np.clip(np.round(wave * 32767), -32768, 32767).astype(np.int16)
 
 
-def render_word(word: str, speaker: Speaker, rng: np.random.Generator) -> np.ndarray:
+def render_word(espeak: Espeak, word: str, speaker: Speaker,
+                rng: np.random.Generator) -> np.ndarray:
     """One recorded-like utterance of ``word`` by ``speaker``: int16, 16 kHz, up to 1 s."""
-    espeak = engine()
     # Punctuation changes espeak's intonation, like people reading a prompt differently.
     text = word + str(rng.choice(["", ".", "!", ",", "?"], p=[0.4, 0.25, 0.15, 0.1, 0.1]))
     rate = int(np.clip(speaker.rate * rng.uniform(0.9, 1.1), 80, 450))
     pitch = int(np.clip(speaker.pitch + rng.integers(-5, 6), 0, 100))
-    raw = espeak.speak(text, speaker.voice, rate, pitch, speaker.pitch_range)
+    raw = espeak.speak(text, speaker.voice, rate, pitch, speaker.pitch_range,
+                       int(rng.integers(0, 2**31)))
     speech = _trim(_to_16k(raw.astype(np.float64) / 32768, espeak.sample_rate))
     # Most real clips are exactly 1 s; about one in ten is shorter.
     length = config.CLIP_SAMPLES
-    if rng.random() < 0.1:
-        length = int(rng.uniform(max(0.5 * length, speech.size + 800), length + 1))
+    shortest = max(length // 2, speech.size + 800)     # keep 50 ms of air after the word
+    if rng.random() < 0.1 and shortest < length:
+        length = int(rng.integers(shortest, length))
     speech = speech[:length]
     clip = np.zeros(length)
     start = int(rng.integers(0, length - speech.size + 1))
@@ -229,7 +265,7 @@ def render_word(word: str, speaker: Speaker, rng: np.random.Generator) -> np.nda
     clip[start:start + speech.size] = speech * (10 ** (peak_db / 20) / np.abs(speech).max())
     noise_db = speaker.noise_db + rng.normal(0, 3)
     clip += rng.standard_normal(length) * 10 ** (noise_db / 20)
-    sos = _mic_filter(speaker)
+    sos = _mic_filter(speaker.lowpass_hz, speaker.highpass_hz)
     return _to_int16(sosfilt(sos, clip) if sos is not None else clip)
 
 
@@ -295,8 +331,9 @@ def make_noise(kind: str, n: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def _at_level(wave: np.ndarray, rms_db: float) -> np.ndarray:
-    """Scale unit-RMS audio to an RMS level in dBFS, as int16 (peaks clipped)."""
-    return _to_int16(wave * 10 ** (rms_db / 20))
+    """Scale unit-RMS audio to an RMS level in dBFS (less if peaks would clip), as int16."""
+    gain = min(10 ** (rms_db / 20), 0.9 / np.abs(wave).max())
+    return _to_int16(wave * gain)
 
 
 def write_background_noise(folder: Path, seed: int) -> None:
@@ -321,17 +358,18 @@ class Job:
 
 
 def train_jobs(speakers: list[Speaker], seed: int) -> list[list[Job]]:
-    """All clips of the main dataset, grouped into ``SHARDS`` fixed shards of whole speakers."""
-    shards: list[list[Job]] = [[] for _ in range(SHARDS)]
+    """All clips of the main dataset, in shards of ``SHARD_SPEAKERS`` consecutive speakers."""
+    shards: list[list[Job]] = []
     for sp in speakers:
+        if sp.index % SHARD_SPEAKERS == 0:
+            shards.append([])
         for w, word in enumerate(config.ALL_WORDS):
             repeats = (config.SYNTH_KEYWORD_REPEATS if word in config.KEYWORDS
                        else config.SYNTH_AUX_REPEATS)
             for n in range(repeats):
-                shards[sp.index % SHARDS].append(
-                    Job(f"{word}/{sp.sid}_nohash_{n}.wav", word, sp.index,
-                        (seed, STREAM_CLIP, sp.index, w, n)))
-    return [shard for shard in shards if shard]
+                shards[-1].append(Job(f"{word}/{sp.sid}_nohash_{n}.wav", word, sp.index,
+                                      (seed, STREAM_CLIP, sp.index, w, n)))
+    return shards
 
 
 def test_jobs(speakers: list[Speaker], per_class: int, seed: int) -> list[list[Job]]:
@@ -359,37 +397,40 @@ def test_jobs(speakers: list[Speaker], per_class: int, seed: int) -> list[list[J
     return shards
 
 
-def render_job(job: Job, speakers: list[Speaker]) -> np.ndarray:
+def render_job(espeak: Espeak, job: Job, speakers: list[Speaker]) -> np.ndarray:
     """The int16 samples of one job."""
     rng = np.random.default_rng(list(job.seed))
     if job.speaker < 0:
         # Test silence: fresh noise (never cut from the training recordings), quiet to moderate.
         return _at_level(make_noise(job.word, config.CLIP_SAMPLES, rng), rng.uniform(-65, -25))
-    return render_word(job.word, speakers[job.speaker], rng)
+    return render_word(espeak, job.word, speakers[job.speaker], rng)
 
 
 def _render_shard(args: tuple[str, list[Job], list[Speaker]]) -> int:
-    """Worker: write every clip of one shard in order (a fresh process, so espeak starts clean)."""
+    """Write every clip of one shard in order, with its own fresh espeak-ng instance."""
     root, jobs, speakers = args
-    for job in jobs:
-        sf.write(Path(root) / job.relpath, render_job(job, speakers), config.SAMPLE_RATE,
-                 subtype="PCM_16")
+    with Espeak() as espeak:
+        for job in jobs:
+            sf.write(Path(root) / job.relpath, render_job(espeak, job, speakers),
+                     config.SAMPLE_RATE, subtype="PCM_16")
     return len(jobs)
 
 
 def _run_shards(root: Path, shards: list[list[Job]], speakers: list[Speaker], workers: int,
                 desc: str) -> None:
-    """Render shards in spawned single-use processes, with a progress bar over clips."""
+    """Render all shards (in ``workers`` processes if > 1) with a progress bar over clips."""
     for folder in {str(Path(job.relpath).parent) for shard in shards for job in shard}:
         (root / folder).mkdir(parents=True, exist_ok=True)
-    total = sum(len(shard) for shard in shards)
-    # spawn + one task per child: each shard starts from a pristine espeak-ng state.
-    context = mp.get_context("spawn")
-    with context.Pool(processes=max(1, min(workers, len(shards))), maxtasksperchild=1) as pool, \
-            tqdm(total=total, desc=desc, unit="clip") as bar:
-        for done in pool.imap_unordered(_render_shard,
-                                        [(str(root), shard, speakers) for shard in shards]):
-            bar.update(done)
+    tasks = [(str(root), shard, speakers) for shard in shards]
+    with tqdm(total=sum(len(shard) for shard in shards), desc=desc, unit="clip") as bar:
+        if workers <= 1:
+            for task in tasks:
+                bar.update(_render_shard(task))
+            return
+        # spawn, not fork: the parent may hold torch/OpenMP threads that fork does not survive.
+        with mp.get_context("spawn").Pool(processes=min(workers, len(tasks))) as pool:
+            for done in pool.imap_unordered(_render_shard, tasks):
+                bar.update(done)
 
 
 # ----------------------------------------------------------------------------- folders
@@ -419,7 +460,7 @@ def is_complete(folder: Path, expected: dict) -> bool:
     return marker is not None and all(marker.get(k) == v for k, v in expected.items())
 
 
-def _finish(partial: Path, target: Path, marker: dict) -> None:
+def finish_folder(partial: Path, target: Path, marker: dict) -> None:
     """Write the marker last and move the finished folder into place (replacing an old one)."""
     marker["files"] = sum(1 for _ in partial.rglob("*.wav"))
     (partial / config.COMPLETE_MARKER).write_text(json.dumps(marker, indent=1) + "\n")
@@ -431,7 +472,7 @@ def _finish(partial: Path, target: Path, marker: dict) -> None:
     partial.rename(target)
 
 
-def _fresh_partial(target: Path) -> Path:
+def fresh_partial(target: Path) -> Path:
     """An empty work folder next to ``target``; leftovers of an interrupted run are removed."""
     partial = target.with_name(target.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
@@ -443,7 +484,7 @@ def train_params(speakers: int, seed: int) -> dict:
     """What identifies a generated main dataset (stored in, and checked against, its marker)."""
     return {"kind": "synthetic", "generator_version": GENERATOR_VERSION, "seed": seed,
             "speakers": speakers, "keyword_repeats": config.SYNTH_KEYWORD_REPEATS,
-            "aux_repeats": config.SYNTH_AUX_REPEATS, "shards": SHARDS}
+            "aux_repeats": config.SYNTH_AUX_REPEATS, "shard_speakers": SHARD_SPEAKERS}
 
 
 def test_params(speakers: int, per_class: int, seed: int) -> dict:
@@ -452,32 +493,32 @@ def test_params(speakers: int, per_class: int, seed: int) -> dict:
 
 
 def generate_dataset(target: Path, speakers: int, seed: int = config.SEED,
-                     workers: int = 2) -> Path:
+                     workers: int = WORKERS) -> Path:
     """Write a Speech Commands v2 style folder of synthetic speech to ``target``."""
     target = Path(target)
-    partial = _fresh_partial(target)
+    partial = fresh_partial(target)
     people = make_speakers(speakers, seed)
     write_background_noise(partial / config.BACKGROUND_NOISE_DIR, seed)
     _run_shards(partial, train_jobs(people, seed), people, workers, "synthetic speech")
     _write_lists(partial, people)
     (partial / "speakers.json").write_text(json.dumps([asdict(sp) for sp in people], indent=0))
-    _finish(partial, target, train_params(speakers, seed))
+    finish_folder(partial, target, train_params(speakers, seed))
     return target
 
 
 def generate_test_set(target: Path, speakers: int, per_class: int, seed: int = config.SEED,
-                      workers: int = 2) -> Path:
+                      workers: int = WORKERS) -> Path:
     """Write a balanced test folder like ``speech_commands_test_set_v0.02`` to ``target``."""
     target = Path(target)
-    partial = _fresh_partial(target)
+    partial = fresh_partial(target)
     people = make_speakers(speakers, seed)
     _run_shards(partial, test_jobs(people, per_class, seed), people, workers, "synthetic test set")
-    _finish(partial, target, test_params(speakers, per_class, seed))
+    finish_folder(partial, target, test_params(speakers, per_class, seed))
     return target
 
 
 def ensure_synthetic(train_dir: Path, test_dir: Path, speakers: int, per_class: int,
-                     seed: int = config.SEED, workers: int = 2) -> tuple[Path, Path]:
+                     seed: int = config.SEED, workers: int = WORKERS) -> tuple[Path, Path]:
     """Generate whichever of the two folders is missing, incomplete or made with other settings."""
     train_dir, test_dir = Path(train_dir), Path(test_dir)
     if not is_complete(train_dir, train_params(speakers, seed)):

@@ -1,0 +1,154 @@
+"""The offline synthetic dataset: layout, determinism, speaker splits, balanced test set."""
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from kws_utils import config, synthetic
+
+SPEAKERS = 6          # tiny: 4 train, 1 validation, 1 testing speaker
+PER_CLASS = 5
+
+
+def _digest(folder: Path) -> str:
+    """A hash over every file's relative path and bytes."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(path.relative_to(folder).as_posix().encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A tiny synthetic dataset and test set, rendered in-process."""
+    root = tmp_path_factory.mktemp("synth")
+    return synthetic.ensure_synthetic(root / "train", root / "test", SPEAKERS, PER_CLASS, seed=3,
+                                      workers=1)
+
+
+def test_layout_matches_speech_commands(generated: tuple[Path, Path]) -> None:
+    train, _ = generated
+    assert {p.name for p in train.iterdir() if p.is_dir()} == {*config.ALL_WORDS,
+                                                              config.BACKGROUND_NOISE_DIR}
+    assert (train / "validation_list.txt").is_file() and (train / "testing_list.txt").is_file()
+    for path in list((train / "yes").glob("*.wav")) + list((train / "marvin").glob("*.wav")):
+        assert re.fullmatch(r"[0-9a-f]{8}_nohash_\d+\.wav", path.name)
+        info = sf.info(str(path))
+        assert (info.samplerate, info.channels, info.subtype) == (16000, 1, "PCM_16")
+        assert 8000 <= info.frames <= config.CLIP_SAMPLES
+
+
+def test_background_noise_recordings(generated: tuple[Path, Path]) -> None:
+    noise = sorted((generated[0] / config.BACKGROUND_NOISE_DIR).glob("*.wav"))
+    assert {p.stem for p in noise} == set(synthetic.NOISE_KINDS)
+    assert config.VALIDATION_NOISE_FILE in {p.name for p in noise}
+    for path in noise:
+        wave, rate = sf.read(str(path), dtype="int16")
+        assert rate == 16000 and wave.size >= 30 * rate
+        assert 0 < np.abs(wave).max() < 32767          # audible, not clipped
+
+
+def test_keywords_have_more_takes_than_other_words(generated: tuple[Path, Path]) -> None:
+    train, _ = generated
+    assert len(list((train / "yes").glob("*.wav"))) == SPEAKERS * config.SYNTH_KEYWORD_REPEATS
+    assert len(list((train / "bed").glob("*.wav"))) == SPEAKERS * config.SYNTH_AUX_REPEATS
+    assert config.SYNTH_KEYWORD_REPEATS > config.SYNTH_AUX_REPEATS
+
+
+def test_lists_split_by_speaker_hash(generated: tuple[Path, Path]) -> None:
+    train, _ = generated
+    speakers_of: dict[str, set[str]] = {}
+    for split in ("validation", "testing"):
+        for rel in (train / f"{split}_list.txt").read_text().split():
+            assert (train / rel).is_file()
+            assert synthetic.which_set(rel) == split          # the real dataset's rule
+            speakers_of.setdefault(split, set()).add(rel.split("/")[1].split("_nohash_")[0])
+    assert speakers_of["validation"].isdisjoint(speakers_of["testing"])
+    listed = set().union(*speakers_of.values())
+    train_speakers = {p.name.split("_nohash_")[0] for p in (train / "yes").glob("*.wav")} - listed
+    assert all(synthetic.which_set(f"{s}_nohash_0.wav") == "training" for s in train_speakers)
+    assert (len(train_speakers), len(speakers_of["validation"]), len(speakers_of["testing"])) \
+        == (4, 1, 1)
+
+
+def test_which_set_is_about_80_10_10() -> None:
+    rng = np.random.default_rng(0)
+    names = [f"{int(v):08x}_nohash_0.wav" for v in rng.integers(0, 2**32, 20_000)]
+    splits = [synthetic.which_set(n) for n in names]
+    assert 0.08 < splits.count("validation") / len(splits) < 0.12
+    assert 0.08 < splits.count("testing") / len(splits) < 0.12
+    assert synthetic.which_set("abc_nohash_0.wav") == synthetic.which_set("x/abc_nohash_7.wav")
+
+
+def test_test_set_balanced_and_from_test_speakers(generated: tuple[Path, Path]) -> None:
+    train, test = generated
+    testers = {rel.split("/")[1].split("_nohash_")[0]
+               for rel in (train / "testing_list.txt").read_text().split()}
+    folders = {*config.KEYWORDS, config.TEST_SILENCE_DIR, config.TEST_UNKNOWN_DIR}
+    assert {p.name for p in test.iterdir() if p.is_dir()} == folders
+    for name in folders:
+        assert len(list((test / name).glob("*.wav"))) == PER_CLASS
+    for path in (test / config.TEST_UNKNOWN_DIR).glob("*.wav"):
+        word, speaker = path.stem.split("_nohash_")[0].split("_")
+        assert word in synthetic.AUX_WORDS and speaker in testers
+    for path in (test / "yes").glob("*.wav"):
+        assert path.name.split("_nohash_")[0] in testers
+    for path in (test / config.TEST_SILENCE_DIR).glob("*.wav"):
+        assert sf.info(str(path)).frames == config.CLIP_SAMPLES
+
+
+def test_same_seed_same_bytes_any_worker_count(generated: tuple[Path, Path],
+                                               tmp_path: Path) -> None:
+    # Two worker processes instead of one: espeak state must not leak between clips.
+    again = synthetic.generate_dataset(tmp_path / "again", SPEAKERS, seed=3, workers=2)
+    assert _digest(again) == _digest(generated[0])
+    test_again = synthetic.generate_test_set(tmp_path / "t", SPEAKERS, PER_CLASS, seed=3)
+    assert _digest(test_again) == _digest(generated[1])
+
+
+def test_other_seed_other_data(tmp_path: Path) -> None:
+    a = synthetic.generate_test_set(tmp_path / "a", 3, 2, seed=1, workers=1)
+    b = synthetic.generate_test_set(tmp_path / "b", 3, 2, seed=2, workers=1)
+    assert _digest(a) != _digest(b)
+
+
+def test_marker_records_parameters(generated: tuple[Path, Path]) -> None:
+    train, test = generated
+    assert synthetic.is_complete(train, synthetic.train_params(SPEAKERS, 3))
+    assert not synthetic.is_complete(train, synthetic.train_params(SPEAKERS, 4))
+    assert synthetic.is_complete(test, synthetic.test_params(SPEAKERS, PER_CLASS, 3))
+    assert synthetic.read_marker(train)["files"] == len(list(train.rglob("*.wav")))
+
+
+def test_interrupted_generation_leaves_nothing_complete(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    def crash(*args: object) -> None:
+        """Stand-in for a step late in generation: the user presses Ctrl-C."""
+        raise KeyboardInterrupt
+    monkeypatch.setattr(synthetic, "_write_lists", crash)
+    target = tmp_path / "ds"
+    with pytest.raises(KeyboardInterrupt):
+        synthetic.generate_dataset(target, 3, seed=0, workers=1)
+    assert not target.exists()
+    assert not synthetic.is_complete(target, synthetic.train_params(3, 0))
+
+
+def test_every_voice_speaks() -> None:
+    with synthetic.Espeak() as espeak:
+        voices = [*synthetic.LANGUAGES, *(f"en+{v}" for v in synthetic.VARIANTS if v)]
+        for voice in voices:
+            wave = espeak.speak("go", voice, 175, 50, 50)
+            assert wave.dtype == np.int16 and wave.size > 0.1 * espeak.sample_rate, voice
+        with pytest.raises(ValueError):
+            espeak.speak("go", "no-such-voice", 175, 50, 50)
+
+
+def test_too_few_speakers_rejected() -> None:
+    with pytest.raises(ValueError, match="at least 3"):
+        synthetic.split_quotas(2)
