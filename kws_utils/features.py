@@ -272,3 +272,9 @@ def cached(path: Path, build: Callable[[], torch.Tensor | dict]) -> torch.Tensor
         Path(tmp).unlink(missing_ok=True)
         raise
     return value
+
+
+def spectrogram_db(wave: Array) -> torch.Tensor:
+    """(49, 257) magnitude spectrogram in dB of one clip, framed exactly like the MFCC."""
+    magnitudes = frame_magnitudes(split_frames(normalize(wave).to(COMPUTE_DTYPE)))
+    return (20 * torch.log10(magnitudes + LOG_OFFSET)).to(torch.float32)

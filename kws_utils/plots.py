@@ -106,3 +106,20 @@ def confusion(cm: torch.Tensor | np.ndarray, source: str, title: str = "Confusio
     fig.colorbar(im, ax=ax, label="share of true class (%)")
     fig.tight_layout()
     return fig
+
+
+def mfcc_grid(mfccs: dict[str, np.ndarray | torch.Tensor], source: str, title: str) -> plt.Figure:
+    """Several (49, 10) MFCC matrices side by side on one colour scale."""
+    arrays = {k: np.asarray(v).reshape(config.N_FRAMES, config.N_MFCC) for k, v in mfccs.items()}
+    low, high = min(a.min() for a in arrays.values()), max(a.max() for a in arrays.values())
+    fig, axes = plt.subplots(1, len(arrays), figsize=(3.2 * len(arrays), 3.4), squeeze=False,
+                             sharey=True, layout="constrained")
+    frame_s = config.FRAME_STEP / config.SAMPLE_RATE
+    for ax, (name, a) in zip(axes[0], arrays.items()):
+        im = ax.imshow(a.T, origin="lower", aspect="auto", cmap="viridis", vmin=low, vmax=high,
+                       extent=[0, config.N_FRAMES * frame_s, -0.5, config.N_MFCC - 0.5])
+        ax.set(title=name, xlabel="time (s)")
+    axes[0][0].set_ylabel("MFCC index")
+    fig.colorbar(im, ax=axes[0].tolist(), label="MFCC value")
+    fig.suptitle(f"{title} ({source_tag(source)})", fontsize=10)
+    return fig

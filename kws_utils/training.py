@@ -9,6 +9,7 @@ from typing import Iterator
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import Sampler
 from tqdm.auto import tqdm
 
 from kws_utils import config, data, features
@@ -27,22 +28,21 @@ class Batches:
     """Mini-batches straight from in-memory feature tensors (no per-sample collate)."""
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool = False,
-                 generator: torch.Generator | None = None, weights: torch.Tensor | None = None) -> None:
+                 generator: torch.Generator | None = None, sampler: Sampler | None = None) -> None:
         if len(x) != len(y):
             raise ValueError(f"{len(x)} inputs but {len(y)} labels: they must pair one to one.")
         self.x, self.y, self.batch_size = x, y, batch_size
-        self.shuffle, self.generator, self.weights = shuffle, generator, weights
+        self.shuffle, self.generator, self.sampler = shuffle, generator, sampler
 
     def __len__(self) -> int:
         """Number of batches per pass."""
         return (len(self.x) + self.batch_size - 1) // self.batch_size
 
     def order(self) -> torch.Tensor:
-        """Sample indices for one pass: in order, shuffled, or drawn by class weight."""
+        """Sample indices for one pass: in order, shuffled, or drawn by a sampler."""
         n = len(self.x)
-        if self.weights is not None:
-            # Weighted sampling with replacement: each pass sees classes equally often.
-            return torch.multinomial(self.weights, n, replacement=True, generator=self.generator)
+        if self.sampler is not None:
+            return torch.as_tensor(list(self.sampler))
         if self.shuffle:
             return torch.randperm(n, generator=self.generator)
         return torch.arange(n)
@@ -123,7 +123,7 @@ def make_optimizer(model: nn.Module, lr: float, epochs: int, steps_per_epoch: in
 
 def fit(model: nn.Module, train_views: list[torch.Tensor], train_y: torch.Tensor,
         val_x: torch.Tensor, val_y: torch.Tensor, epochs: int, lr: float, batch_size: int,
-        generator: torch.Generator, weights: torch.Tensor | None = None,
+        generator: torch.Generator, sampler: Sampler | None = None,
         loss_fn: nn.Module | None = None, channels_last: bool = True) -> History:
     """Train with CrossEntropy + SGD + cosine annealing, cycling the cached augmented views."""
     loss_fn = loss_fn or nn.CrossEntropyLoss()
@@ -135,7 +135,7 @@ def fit(model: nn.Module, train_views: list[torch.Tensor], train_y: torch.Tensor
     for epoch in tqdm(range(epochs), desc="epochs"):
         # Each epoch sees a different cached augmentation of the training clips.
         batches = Batches(train_views[epoch % len(train_views)], train_y, batch_size,
-                          shuffle=True, generator=generator, weights=weights)
+                          shuffle=True, generator=generator, sampler=sampler)
         history.lr.append(optimizer.param_groups[0]["lr"])
         loss, acc = train_epoch(model, batches, optimizer, loss_fn, scheduler, channels_last,
                                 f"epoch {epoch + 1}")
