@@ -1,0 +1,68 @@
+"""The DS-CNN: reference checkpoint, input checks, and the statistics notebook 02 teaches."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from kws_utils import config, data, model
+
+REFERENCE = config.mlperf_dir() / "kws_dscnn_pb2pth_checkpoint.pth"
+needs_mlperf = pytest.mark.skipif(not (config.mlperf_dir() / "kws01").is_dir() or not REFERENCE.is_file(),
+                                  reason="MLPerf artifacts (../shared/mlperf) not present")
+
+
+@needs_mlperf
+def test_reference_checkpoint_loads_strictly_and_scores_90_percent() -> None:
+    net = model.reference_model()
+    x, y, _ = data.load_kws01()
+    with torch.no_grad():
+        accuracy = (net(x).argmax(1) == y).float().mean().item()
+    assert accuracy >= 0.90
+
+
+def test_output_shape_and_parameter_count() -> None:
+    net = model.DSCNN().eval()
+    assert net(torch.zeros(3, *config.INPUT_SHAPE)).shape == (3, len(config.LABELS))
+    assert sum(p.numel() for p in net.parameters()) == 23_756
+
+
+@pytest.mark.parametrize("shape", [(2, 49, 10), (2, 1, 10, 49), (2, 2, 49, 10), (49, 10)])
+def test_wrong_input_shape_names_the_expected_one(shape: tuple[int, ...]) -> None:
+    with pytest.raises(ValueError, match=r"\(N, 1, 49, 10\)"):
+        model.DSCNN()(torch.zeros(shape))
+
+
+def test_checkpoint_key_mismatch_names_the_keys(tmp_path: Path) -> None:
+    state = model.DSCNN().state_dict()
+    state.pop("fc6.bias")
+    state["head.weight"] = torch.zeros(1)
+    path = tmp_path / "bad.pth"
+    torch.save(state, path)
+    with pytest.raises(KeyError, match=r"fc6\.bias.*head\.weight"):
+        model.load_checkpoint(model.DSCNN(), path)
+
+
+def test_missing_checkpoint_says_what_to_do(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="notebook 03"):
+        model.load_checkpoint(model.DSCNN(), tmp_path / "none.pth")
+
+
+def test_layer_stats_match_hand_counts() -> None:
+    net = model.DSCNN()
+    stats = {s.name: s for s in model.layer_stats(net)}
+    assert stats["conv1"].out_shape == (64, 25, 5)
+    assert stats["conv1"].macs == 25 * 5 * 64 * 10 * 4
+    assert stats["depthwise2"].macs == 25 * 5 * 64 * 9
+    assert stats["pointwise5"].macs == 25 * 5 * 64 * 64
+    assert stats["fc6"].macs == 64 * 12
+    assert sum(s.params for s in stats.values()) == sum(p.numel() for p in net.parameters())
+    assert net.training  # measuring must not leave the model in eval mode
+
+
+def test_receptive_field_and_separable_saving() -> None:
+    assert model.receptive_field(model.DSCNN()) == (26, 20)
+    cmp = model.separable_vs_plain()
+    assert cmp["separable"]["params"] == 64 * 9 + 64 + 64 * 64 + 64
+    assert 7 < cmp["plain"]["macs"] / cmp["separable"]["macs"] < 9

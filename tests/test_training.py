@@ -1,0 +1,106 @@
+"""Training: batching, the float loop, evaluation, checkpoints and the feature cache."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from kws_utils import config, data, features, model, training
+
+
+def toy_problem(n: int = 600) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs whose class sets their mean level (global pooling keeps levels): easy to learn."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, len(config.LABELS), (n,), generator=g)
+    x = torch.randn(n, *config.INPUT_SHAPE, generator=g) * 0.3
+    x += (y.float() - 5.5).view(-1, 1, 1, 1)
+    return x, y
+
+
+def test_batches_cover_every_sample_once() -> None:
+    x, y = torch.arange(10.0), torch.arange(10)
+    plain = torch.cat([xb for xb, _ in training.Batches(x, y, 3)])
+    shuffled = torch.cat([xb for xb, _ in training.Batches(x, y, 3, shuffle=True,
+                                                           generator=torch.Generator().manual_seed(1))])
+    assert torch.equal(plain, x) and len(training.Batches(x, y, 3)) == 4
+    assert not torch.equal(shuffled, x) and torch.equal(shuffled.sort().values, x)
+
+
+def test_batches_follow_a_weighted_sampler() -> None:
+    y = torch.tensor([0] * 90 + [1] * 10)
+    sampler = torch.utils.data.WeightedRandomSampler(torch.where(y == 0, 1 / 90, 1 / 10).double(), 1000,
+                                                     generator=torch.Generator().manual_seed(0))
+    drawn = torch.cat([yb for _, yb in training.Batches(y.float(), y, 100, sampler=sampler)])
+    assert len(drawn) == 1000 and 0.4 < drawn.float().mean() < 0.6
+
+
+def test_mismatched_lengths_are_refused() -> None:
+    with pytest.raises(ValueError, match="pair one to one"):
+        training.Batches(torch.zeros(3), torch.zeros(4), 2)
+
+
+def test_fit_learns_and_anneals_the_learning_rate() -> None:
+    x, y = toy_problem()
+    net = model.DSCNN()
+    history = training.fit(net, [x], y, x[:200], y[:200], epochs=4, lr=0.05, batch_size=50,
+                           generator=training.set_seed(0))
+    assert history.train_loss[-1] < history.train_loss[0]
+    assert history.val_acc[-1] > 0.3                     # chance is 1/12
+    assert history.lr[0] == 0.05 and history.lr[-1] < history.lr[1] < history.lr[0]
+
+
+def test_fit_is_reproducible() -> None:
+    x, y = toy_problem(200)
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        net = model.DSCNN()
+        training.fit(net, [x], y, x, y, epochs=1, lr=0.05, batch_size=50, generator=training.set_seed(3))
+        runs.append(net.fc6.weight.detach().clone())
+    assert torch.equal(runs[0], runs[1])
+
+
+def test_evaluate_and_confusion_matrix() -> None:
+    x, y = toy_problem(100)
+    result = training.evaluate(model.DSCNN(), x, y)
+    cm = training.confusion_matrix(result.preds, result.labels)
+    assert cm.sum() == 100 and cm.diag().sum() == (result.preds == y).sum()
+    assert result.accuracy == pytest.approx((result.preds == y).float().mean().item())
+    assert training.per_class_accuracy(cm).shape == (len(config.LABELS),)
+
+
+def test_checkpoint_round_trip(tmp_path: Path) -> None:
+    net = model.DSCNN().to(memory_format=torch.channels_last)
+    path = tmp_path / "float.pth"
+    training.save_checkpoint(net, path, epochs=1, source="synthetic")
+    loaded = model.load_checkpoint(model.DSCNN(), path)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), net.state_dict().values()))
+    assert not path.with_suffix(".tmp").exists()
+
+
+def test_prepare_features_caches_and_augments(tiny_dataset: data.DatasetInfo, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KWS_DATA_ROOT", str(tmp_path))
+    feats = training.prepare_features(tiny_dataset, views=2)
+    splits = data.splits(tiny_dataset)
+    assert feats.source == "synthetic"
+    assert feats.val_x.shape == (len(splits["validation"]), *config.INPUT_SHAPE)
+    assert feats.test_y.tolist() == [c.label for c in splits["test"]]
+    clean_val = features.compute_features(data.load_clips(splits["validation"]))
+    assert torch.equal(feats.val_x, clean_val)
+    assert not torch.equal(feats.train_views[0], feats.train_views[1])   # two different augmentations
+    cached = list((tmp_path / "feature_cache").rglob("*.pt"))
+    assert len(cached) == 4
+    again = training.prepare_features(tiny_dataset, views=2)
+    assert torch.equal(again.train_views[1], feats.train_views[1])
+
+
+def test_float_model_loads_the_saved_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KWS_OUTPUT", str(tmp_path))
+    net = model.DSCNN()
+    training.save_checkpoint(net, training.float_checkpoint_path("synthetic"), epochs=10)
+    x, y = toy_problem(20)
+    feats = training.FeatureSets("synthetic", [x], y, x, y, x, y)
+    loaded = training.float_model(feats)
+    assert torch.equal(loaded.fc6.weight, net.fc6.weight)
