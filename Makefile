@@ -31,7 +31,7 @@ course: setup
 # Unit tests, then every notebook under nbval on the small CI profile and the offline dataset.
 test: setup
 	KWS_PROFILE=ci KWS_DATASET=$${KWS_DATASET:-synthetic} $(BIN)/python -m pytest -q \
-	  --nbval-lax --nbval-cell-timeout=1800 tests notebooks
+	  --nbval-lax --nbval-current-env --nbval-cell-timeout=1800 tests notebooks
 
 lab: setup
 	$(BIN)/jupyter lab notebooks/

@@ -353,3 +353,36 @@ def test_weighted_sampler_balances_classes() -> None:
     assert len(list(sampler)) == len(clips)
     share = drawn / drawn.sum()
     assert np.allclose(share, 1 / 12, atol=0.02)
+
+
+# ----------------------------------------------------------------------------- kws01
+def _write_kws01(folder: Path, rows: list[tuple[str, int, int]], size: int = 490) -> Path:
+    """A miniature kws01 folder: y_labels.csv plus one int8 .bin per row."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "y_labels.csv").write_text("".join(f"{n},{k},{label}\n" for n, k, label in rows))
+    for i, (name, _, _) in enumerate(rows):
+        (folder / name).write_bytes(np.full(size, i - 1, dtype=np.int8).tobytes())
+    return folder
+
+
+def test_load_kws01_dequantizes_frame_major(tmp_path: Path) -> None:
+    folder = _write_kws01(tmp_path, [("a.bin", 12, 3), ("b.bin", 12, 11)])
+    x, y, names = data.load_kws01(folder)
+    assert x.shape == (2, 1, 49, 10) and y.tolist() == [3, 11] and names == ["a.bin", "b.bin"]
+    assert torch.allclose(x[0], torch.full((1, 49, 10), (-1 - data.KWS01_ZERO_POINT) * data.KWS01_SCALE))
+
+
+def test_load_kws01_rejects_bad_files(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="y_labels.csv"):
+        data.load_kws01(tmp_path / "missing")
+    with pytest.raises(ValueError, match="490"):
+        data.load_kws01(_write_kws01(tmp_path / "short", [("a.bin", 12, 0)], size=400))
+    with pytest.raises(ValueError, match="12-class"):
+        data.load_kws01(_write_kws01(tmp_path / "label", [("a.bin", 12, 12)]))
+
+
+@pytest.mark.skipif(not (config.mlperf_dir() / "kws01").is_dir(), reason="MLPerf kws01 not present")
+def test_real_kws01_set() -> None:
+    x, y, names = data.load_kws01()
+    assert x.shape == (1000, 1, 49, 10) and len(names) == 1000
+    assert all(int(n.rsplit("_", 1)[1].split(".")[0]) == label for n, label in zip(names, y.tolist()))
