@@ -1,0 +1,407 @@
+"""Deployment: read the exported integer ONNX back, run it in pure NumPy, write a C header, budget.
+
+Everything here starts from the exported file, so it checks what will actually ship:
+
+- ``load_integer_onnx`` reads the integer weights, biases and requantization constants of the
+  ONNX graph written by ``kws_utils.export.export_integer_onnx`` into a ``quant.IntegerModel``;
+- ``numpy_reference`` executes that model with int64 NumPy arithmetic (im2col + einsum), the
+  computation the NPU performs, and must match onnxruntime bit for bit;
+- ``write_header`` / ``read_header`` / ``unpack`` move the packed parameters into firmware and
+  back (int4: two weights per byte, int2: four, low bits first, two's complement);
+- ``budget`` measures weight bytes, peak activation memory, MACs and latency per variant.
+"""
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from numpy.lib.stride_tricks import sliding_window_view
+from onnx import numpy_helper
+from torch import nn
+
+from kws_utils import config, export, model as kws_model, quant, streaming
+
+OPS = ("conv", "avgpool", "linear")
+_NODE_OPS = {"Conv": "conv", "Gemm": "linear", "ReduceSum": "avgpool"}
+_C_TYPES = {"int8_t": np.int8, "uint8_t": np.uint8, "int32_t": np.int32}
+# Notebook 06's own PTQ export, used when notebook 05 left no float-output file.
+OWN_NAME = "deploy_kws_int{bits}_ptq.onnx"
+
+
+# ----------------------------------------------------------------------------- ONNX -> model
+def _initializers(proto: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """All initializers of the graph as NumPy arrays."""
+    return {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+
+
+def _attrs(node: onnx.NodeProto) -> dict:
+    """A node's attributes as plain Python values."""
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+def weight_bits_of(weights: list[np.ndarray]) -> int:
+    """Smallest NPU weight width (8, 4, 2) whose symmetric range holds all the weights."""
+    peak = max(int(np.abs(w).max()) for w in weights)
+    fitting = [b for b in sorted(quant.WEIGHT_BITS) if peak <= 2 ** (b - 1) - 1]
+    if not fitting:
+        raise ValueError(f"weights reach {peak}: beyond int8, not an NPU integer model.")
+    return fitting[0]
+
+
+def _layer(name: str, op: str, node: onnx.NodeProto, init: dict[str, np.ndarray]) -> quant.IntLayer:
+    """One IntLayer from its ONNX node and the initializers named after it."""
+    a = _attrs(node)
+    weight = init.get(f"{name}.weight")
+    shift = np.rint(-np.log2(init[f"{name}.shift_scale"].ravel())).astype(np.int32)
+    pads = a.get("pads", [0, 0, 0, 0])
+    return quant.IntLayer(
+        name=name, op=op, weight=None if weight is None else weight.astype(np.int8),
+        bias=None if weight is None else init[f"{name}.bias"].astype(np.int32),
+        stride=tuple(a.get("strides", (1, 1))), padding=(int(pads[0]), int(pads[1])),
+        groups=int(a.get("group", 1)), offset=init[f"{name}.offset"].ravel().astype(np.int32),
+        mult=init[f"{name}.mult"].ravel().astype(np.int32), shift=shift,
+        qmin=int(init[f"{name}.qmin"]), qmax=int(init[f"{name}.qmax"]), weight_bits=None,
+        input_scale=float("nan"), weight_scale=None, output_scale=float("nan"))
+
+
+def load_integer_onnx(path: str | Path) -> quant.IntegerModel:
+    """The integer model held in an exported integer ONNX file (weight_bits inferred)."""
+    proto = onnx.load(str(path))
+    init = _initializers(proto)
+    if "input.scale" not in init:
+        raise ValueError(f"{path} is not an integer model written by export_integer_onnx "
+                         "(no 'input.scale' initializer); the float model has no integers to read.")
+    layers = [_layer(n.name.rsplit("/", 1)[0], _NODE_OPS[n.op_type], n, init)
+              for n in proto.graph.node if n.op_type in _NODE_OPS]
+    bits = weight_bits_of([l.weight for l in layers if l.weight is not None])
+    for layer in layers:
+        layer.weight_bits = bits if layer.weight is not None else None
+    layers[-1].output_scale = float(init.get("output.scale", np.nan))
+    dims = proto.graph.input[0].type.tensor_type.shape.dim[1:]
+    return quant.IntegerModel((float(init["input.scale"]), int(init["input.qmin"]),
+                               int(init["input.qmax"])), layers, tuple(d.dim_value for d in dims),
+                              "float" if "output.scale" in init else "int8")
+
+
+def _as_model(source: str | Path | quant.IntegerModel) -> quant.IntegerModel:
+    """An IntegerModel from itself or from an integer ONNX file."""
+    return source if isinstance(source, quant.IntegerModel) else load_integer_onnx(source)
+
+
+# ----------------------------------------------------------------------------- NumPy reference
+def _requantize(acc: np.ndarray, layer: quant.IntLayer, axis_shape: list[int]) -> np.ndarray:
+    """clamp(floor((acc + offset) * mult / 2**shift)): an arithmetic right shift is the floor."""
+    offset, mult, shift = (np.asarray(v, np.int64).reshape(axis_shape)
+                           for v in (layer.offset, layer.mult, layer.shift))
+    return np.clip(((acc + offset) * mult) >> shift, layer.qmin, layer.qmax)
+
+
+def conv_int(x: np.ndarray, layer: quant.IntLayer) -> np.ndarray:
+    """Grouped 2-D convolution of int64 activations (N, C, H, W) by im2col and einsum."""
+    w = layer.weight.astype(np.int64)
+    (ph, pw), (sh, sw), g = layer.padding, layer.stride, layer.groups
+    kh, kw = w.shape[2:]
+    xp = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
+    cols = sliding_window_view(xp, (kh, kw), axis=(2, 3))[:, :, ::sh, ::sw]  # N,C,Ho,Wo,kh,kw
+    n, c, ho, wo = cols.shape[:4]
+    cols = cols.reshape(n, g, c // g, ho, wo, kh, kw)
+    wg = w.reshape(g, w.shape[0] // g, c // g, kh, kw)
+    acc = np.einsum("ngchwij,gocij->ngohw", cols, wg, optimize=True).reshape(n, -1, ho, wo)
+    return acc + layer.bias.astype(np.int64)[None, :, None, None]
+
+
+def run_layer(layer: quant.IntLayer, x: np.ndarray) -> np.ndarray:
+    """One NPU layer on int64 activations: integer op + bias, then requantization."""
+    if layer.op == "avgpool":
+        return _requantize(x.sum(axis=(2, 3)), layer, [1, -1])
+    if layer.op == "conv":
+        return _requantize(conv_int(x, layer), layer, [1, -1, 1, 1])
+    acc = x @ layer.weight.astype(np.int64).T + layer.bias.astype(np.int64)
+    return _requantize(acc, layer, [1, -1])
+
+
+def numpy_reference(source: str | Path | quant.IntegerModel, x: np.ndarray | torch.Tensor,
+                    return_codes: bool = False) -> np.ndarray:
+    """Run the integer model in pure NumPy integers: the same output as onnxruntime, bit for bit."""
+    int_model = _as_model(source)
+    x = np.asarray(x, dtype=np.float32)
+    kws_model.check_input(torch.from_numpy(x))
+    # Same float32 division and round-half-to-even as the graph's Div/Round/Clip input stage.
+    q = np.clip(np.round(x / np.float32(int_model.input_scale)), int_model.input_qmin,
+                int_model.input_qmax).astype(np.int64)
+    for layer in int_model.layers:
+        q = run_layer(layer, q)
+    if return_codes:
+        return q
+    if int_model.output == "float":
+        return q.astype(np.float32) * np.float32(int_model.output_scale)
+    torch_dtype = quant.output_int_dtype(int_model.layers[-1])
+    return q.astype(torch.empty(0, dtype=torch_dtype).numpy().dtype)
+
+
+# ----------------------------------------------------------------------------- packing
+def pack(values: np.ndarray, bits: int) -> np.ndarray:
+    """Pack signed weights into bytes: 8 // bits per byte, lowest bits first, two's complement."""
+    if bits == 8:
+        return np.asarray(values, dtype=np.int8).ravel()
+    per_byte, mask = 8 // bits, (1 << bits) - 1
+    v = np.asarray(values, dtype=np.int64).ravel()
+    v = np.concatenate([v, np.zeros(-len(v) % per_byte, np.int64)]).reshape(-1, per_byte)
+    fields = (v & mask) << (bits * np.arange(per_byte))
+    return fields.sum(axis=1).astype(np.uint8)
+
+
+def unpack(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
+    """Inverse of pack: the first ``count`` signed weights as int8."""
+    if bits == 8:
+        return np.asarray(packed, dtype=np.int8)[:count]
+    per_byte, mask = 8 // bits, (1 << bits) - 1
+    fields = (np.asarray(packed, np.int64)[:, None] >> (bits * np.arange(per_byte))) & mask
+    signed = np.where(fields >= 1 << (bits - 1), fields - (1 << bits), fields)
+    return signed.ravel()[:count].astype(np.int8)
+
+
+# ----------------------------------------------------------------------------- C header
+def _c_array(ctype: str, name: str, values: np.ndarray) -> list[str]:
+    """A const C array definition, 16 values per line."""
+    flat = [str(int(v)) for v in np.asarray(values).ravel()]
+    rows = [", ".join(flat[i:i + 16]) for i in range(0, len(flat), 16)]
+    return [f"static const {ctype} {name}[{len(flat)}] = {{", *(f"    {r}," for r in rows), "};"]
+
+
+def power2_exponent(scale: float) -> int | None:
+    """e with scale == 2**e exactly, else None."""
+    mantissa, exponent = np.frexp(scale)
+    return int(exponent - 1) if mantissa == 0.5 else None
+
+
+def _layer_block(i: int, layer: quant.IntLayer) -> list[str]:
+    """#defines and arrays of one layer."""
+    p = f"KWS_L{i}_"
+    lines = [f"/* layer {i}: {layer.name} ({layer.op}) */",
+             f"#define {p}OP KWS_OP_{layer.op.upper()}", f"#define {p}CHANNELS {len(layer.offset)}",
+             f"#define {p}QMIN {layer.qmin}", f"#define {p}QMAX {layer.qmax}"]
+    if layer.weight is not None:
+        shape = list(layer.weight.shape) + [1] * (4 - layer.weight.ndim)
+        lines += [f"#define {p}{k} {v}" for k, v in zip(("COUT", "CIN_PER_GROUP", "KH", "KW"), shape)]
+        lines += [f"#define {p}STRIDE_H {layer.stride[0]}", f"#define {p}STRIDE_W {layer.stride[1]}",
+                  f"#define {p}PAD_H {layer.padding[0]}", f"#define {p}PAD_W {layer.padding[1]}",
+                  f"#define {p}GROUPS {layer.groups}", f"#define {p}WEIGHT_BITS {layer.weight_bits}",
+                  f"#define {p}WEIGHT_COUNT {layer.weight.size}"]
+        packed = pack(layer.weight, layer.weight_bits)
+        lines += _c_array("int8_t" if layer.weight_bits == 8 else "uint8_t", f"kws_l{i}_weight", packed)
+        lines += _c_array("int32_t", f"kws_l{i}_bias", layer.bias)
+    lines += _c_array("int32_t", f"kws_l{i}_offset", layer.offset)
+    lines += _c_array("uint8_t", f"kws_l{i}_mult", layer.mult)
+    lines += _c_array("uint8_t", f"kws_l{i}_shift", layer.shift)
+    return lines + [""]
+
+
+def header_text(source: str | Path | quant.IntegerModel, guard: str = "KWS_MODEL_H") -> str:
+    """The C header of an integer model: shapes, bits, packed weights, requantization."""
+    m = _as_model(source)
+    exp = power2_exponent(m.input_scale)
+    lines = [f"#ifndef {guard}", f"#define {guard}", "/* TI NPU keyword-spotting model, generated by "
+             "kws_utils.deploy. Each layer: acc = op(x, w) + bias (int32);", " * y = clamp((acc + "
+             "offset) * mult >> shift, QMIN, QMAX). int4/int2 weights are packed 2/4 per byte,",
+             " * lowest bits first, two's complement; order (COUT, CIN_PER_GROUP, KH, KW). */",
+             "#include <stdint.h>", "", "#define KWS_OP_CONV 0", "#define KWS_OP_AVGPOOL 1",
+             "#define KWS_OP_LINEAR 2", f"#define KWS_N_LAYERS {len(m.layers)}",
+             *(f"#define KWS_INPUT_{k} {v}" for k, v in zip(("C", "H", "W"), m.input_shape)),
+             f"#define KWS_INPUT_QMIN {m.input_qmin}", f"#define KWS_INPUT_QMAX {m.input_qmax}",
+             f"#define KWS_INPUT_SCALE {m.input_scale!r}f  /* q = round(x / scale) */"]
+    if exp is not None:
+        lines.append(f"#define KWS_INPUT_SCALE_LOG2 ({exp})  /* scale = 2^({exp}) */")
+    if np.isfinite(m.output_scale):
+        lines.append(f"#define KWS_OUTPUT_SCALE {m.output_scale!r}f  /* logit = code * scale */")
+    lines.append("")
+    for i, layer in enumerate(m.layers):
+        lines += _layer_block(i, layer)
+    return "\n".join(lines + [f"#endif  /* {guard} */", ""])
+
+
+def write_header(source: str | Path | quant.IntegerModel, path: str | Path) -> Path:
+    """Write the C header of an integer model (ONNX file or IntegerModel) to ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(header_text(source))
+    return path
+
+
+@dataclass
+class Header:
+    """What a C header holds: #define values and const arrays (with their C types)."""
+
+    defines: dict[str, int | float]
+    arrays: dict[str, np.ndarray]
+
+
+_DEFINE = re.compile(r"^#define\s+(\w+)\s+\(?([-\w.+]+?)f?\)?(?:\s|$)", re.M)
+_ARRAY = re.compile(r"static const (\w+) (\w+)\[(\d+)\] = \{([^}]*)\};")
+
+
+def read_header(path: str | Path) -> Header:
+    """Parse a header written by write_header (numbers and macros naming other macros)."""
+    text = Path(path).read_text()
+    raw = dict(_DEFINE.findall(text))
+    defines: dict[str, int | float] = {}
+    for name, value in raw.items():
+        value = raw.get(value, value)   # one level of indirection: KWS_OP_CONV and friends
+        defines[name] = int(value) if re.fullmatch(r"-?\d+", value) else float(value)
+    arrays = {}
+    for ctype, name, count, body in _ARRAY.findall(text):
+        arrays[name] = np.array([int(v) for v in body.replace(",", " ").split()], _C_TYPES[ctype])
+        if len(arrays[name]) != int(count):
+            raise ValueError(f"{path}: {name} declares {count} values but holds {len(arrays[name])}.")
+    return Header(defines, arrays)
+
+
+def _header_layer(h: Header, i: int) -> quant.IntLayer:
+    """Layer i of a parsed header as an IntLayer."""
+    d, a, p = h.defines, h.arrays, f"KWS_L{i}_"
+    op = OPS[d[f"{p}OP"]]
+    weight = bias = None
+    if f"kws_l{i}_weight" in a:
+        shape = [d[f"{p}{k}"] for k in ("COUT", "CIN_PER_GROUP", "KH", "KW")]
+        weight = unpack(a[f"kws_l{i}_weight"], d[f"{p}WEIGHT_BITS"], d[f"{p}WEIGHT_COUNT"])
+        weight = weight.reshape(shape if op == "conv" else shape[:2])
+        bias = a[f"kws_l{i}_bias"]
+    conv = op == "conv"
+    return quant.IntLayer(
+        name=f"layer{i}", op=op, weight=weight, bias=bias,
+        stride=(d[f"{p}STRIDE_H"], d[f"{p}STRIDE_W"]) if conv else (1, 1),
+        padding=(d[f"{p}PAD_H"], d[f"{p}PAD_W"]) if conv else (0, 0),
+        groups=d[f"{p}GROUPS"] if conv else 1, offset=a[f"kws_l{i}_offset"].astype(np.int32),
+        mult=a[f"kws_l{i}_mult"].astype(np.int32), shift=a[f"kws_l{i}_shift"].astype(np.int32),
+        qmin=d[f"{p}QMIN"], qmax=d[f"{p}QMAX"], weight_bits=d.get(f"{p}WEIGHT_BITS"),
+        input_scale=float("nan"), weight_scale=None, output_scale=float("nan"))
+
+
+def model_from_header(path: str | Path) -> quant.IntegerModel:
+    """Rebuild the integer model from a C header (to run it with numpy_reference)."""
+    h = read_header(path)
+    d = h.defines
+    layers = [_header_layer(h, i) for i in range(d["KWS_N_LAYERS"])]
+    layers[-1].output_scale = d.get("KWS_OUTPUT_SCALE", float("nan"))
+    return quant.IntegerModel((d["KWS_INPUT_SCALE"], d["KWS_INPUT_QMIN"], d["KWS_INPUT_QMAX"]),
+                              layers, (d["KWS_INPUT_C"], d["KWS_INPUT_H"], d["KWS_INPUT_W"]),
+                              "float" if "KWS_OUTPUT_SCALE" in d else "int8")
+
+
+# ----------------------------------------------------------------------------- integer models
+def ptq_integer_model(net: nn.Module, calib_x: torch.Tensor, bits: int,
+                      output: str = "float") -> quant.IntegerModel:
+    """PTQ: calibrate the TI wrapper on ``calib_x`` and convert (float output: posteriors need it)."""
+    wrapper = quant.TINPUTinyMLPTQFxModule(net, total_epochs=1, qconfig_type=quant.qconfig_for(bits))
+    wrapper.eval()
+    with torch.no_grad():
+        for batch in calib_x.split(100):
+            wrapper(batch)
+    return wrapper.convert(output=output)
+
+
+def calibration_inputs(val_x: torch.Tensor, n: int | None = None, seed: int = config.SEED) -> torch.Tensor:
+    """A seeded random subset of ``n`` validation inputs (profile.calib_clips by default)."""
+    n = min(n or config.profile().calib_clips, len(val_x))
+    return val_x[torch.randperm(len(val_x), generator=torch.Generator().manual_seed(seed))[:n]]
+
+
+def integer_onnx_files(net: nn.Module, val_x: torch.Tensor) -> dict[int, Path]:
+    """int8/int4/int2 ONNX files: notebook 05's (QAT first) if they output float logits, else PTQ here.
+
+    Posteriors need float logits; a file whose output is int8 codes lacks the scale to form them.
+    """
+    out = {}
+    for bits in quant.WEIGHT_BITS:
+        found = [quant.variant_onnx_path(bits, method) for method in ("qat", "ptq")]
+        usable = [p for p in found if p.is_file() and load_integer_onnx(p).output == "float"]
+        if usable:
+            out[bits] = usable[0]
+            print(f"int{bits}: using {usable[0].name} from notebook 05")
+            continue
+        int_model = ptq_integer_model(net, calibration_inputs(val_x), bits)
+        out[bits] = int_model.export(val_x[:1], config.artifacts_dir() / OWN_NAME.format(bits=bits))
+        why = "outputs int8 codes without their scale" if any(p.is_file() for p in found) else "absent"
+        print(f"int{bits}: notebook 05's file {why}; PTQ-calibrated here on "
+              f"{config.profile().calib_clips} validation clips -> {out[bits].name}")
+    return out
+
+
+# ----------------------------------------------------------------------------- budget
+@dataclass
+class Budget:
+    """One deployment variant: memory, work and measured latency per inference."""
+
+    variant: str
+    weight_bytes: int        # weights as stored (packed for int4/int2)
+    other_param_bytes: int   # biases (+ requantization offset/mult/shift for integer models)
+    peak_activation_bytes: int
+    macs: int
+    latency_ms: float
+
+    def row(self, hop_ms: int) -> tuple:
+        """Table row including the real-time load at one decision every ``hop_ms``."""
+        per_s = 1000 / hop_ms
+        return (self.variant, self.weight_bytes, self.other_param_bytes,
+                self.weight_bytes + self.other_param_bytes, self.peak_activation_bytes, self.macs,
+                self.latency_ms, per_s, self.latency_ms * per_s / 10)
+
+
+BUDGET_HEADERS = ["variant", "weights (B)", "bias+requant (B)", "params total (B)",
+                  "peak activations (B)", "MACs", "latency (ms)", "inferences/s", "CPU load (%)"]
+
+
+def integer_param_bytes(int_model: quant.IntegerModel) -> tuple[int, int]:
+    """(packed weight bytes, bias + offset/mult/shift bytes) as laid out in the C header."""
+    weights = quant.packed_weight_bytes(int_model)
+    # int32 bias and offset, uint8 mult and shift per output channel
+    other = sum(4 * (l.bias.size if l.bias is not None else 0) + 6 * l.offset.size
+                for l in int_model.layers)
+    return weights, other
+
+
+def float_param_bytes(net: nn.Module) -> tuple[int, int]:
+    """(float32 weight bytes, float32 bias bytes) of the conv/linear layers, BatchNorm folded in."""
+    layers = [m for m in net.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    return 4 * sum(m.weight.numel() for m in layers), 4 * sum(m.weight.shape[0] for m in layers)
+
+
+def peak_activation_values(net: nn.Module) -> int:
+    """Largest input + output activation count of any layer (both buffers live at once)."""
+    stats = [s for s in kws_model.layer_stats(net) if s.kind != "BatchNorm2d"]
+    sizes = [int(np.prod(config.INPUT_SHAPE))] + [s.activations for s in stats]
+    return max(a + b for a, b in zip(sizes, sizes[1:]))
+
+
+def macs(net: nn.Module) -> int:
+    """Multiply-accumulates per inference (from model.layer_stats)."""
+    return sum(s.macs for s in kws_model.layer_stats(net))
+
+
+def latency_ms(onnx_path: str | Path, runs: int = 200, warmup: int = 20) -> float:
+    """Median onnxruntime wall time of one batch-1 inference on this machine (ms)."""
+    session = streaming.onnx_session(onnx_path)
+    feed = {session.get_inputs()[0].name: np.zeros((1, *config.INPUT_SHAPE), np.float32)}
+    times = []
+    for i in range(warmup + runs):
+        start = time.perf_counter()
+        session.run(None, feed)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return float(np.median(times) * 1000)
+
+
+def budget(net: nn.Module, float_onnx: str | Path, int_onnx: dict[int, Path],
+           runs: int = 200) -> list[Budget]:
+    """The budget of the float model and of each integer variant (latencies measured here)."""
+    work, act = macs(net), peak_activation_values(net)
+    rows = [Budget("float32", *float_param_bytes(net), 4 * act, work, latency_ms(float_onnx, runs))]
+    for bits, path in sorted(int_onnx.items(), reverse=True):
+        rows.append(Budget(f"int{bits} weights", *integer_param_bytes(load_integer_onnx(path)),
+                           act, work, latency_ms(path, runs)))
+    return rows

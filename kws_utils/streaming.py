@@ -1,0 +1,371 @@
+"""Streaming keyword detection: a sliding 1 s window over a long recording, run through ONNX.
+
+Feature computation is incremental. Everything up to the mel energies (framing, Hann window,
+|FFT|, mel weights) is linear in the signal for a positive gain, and the reference divides each
+1 s window by its maximum before the STFT, so
+
+    mfcc(window) == mfcc_from_mel(mel_energies(frames of the raw window) / window_max).
+
+The mel energies of each 20 ms frame of the *raw* signal are therefore computed once, when the
+frame arrives, and every window reuses the 49 it covers; only the division by the window's
+maximum and the log/DCT are redone per hop. The window maximum itself comes from cached per-block
+(20 ms) maxima and minima.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+import onnxruntime as ort
+import torch
+from scipy.signal import resample_poly
+from tqdm.auto import tqdm
+
+from kws_utils import config, data, features, plots
+
+FRAME_MS = 1000 * config.FRAME_STEP // config.SAMPLE_RATE          # 20 ms
+WINDOW_BLOCKS = config.CLIP_SAMPLES // config.FRAME_STEP             # 50 blocks of 20 ms per 1 s
+KEYWORD_IDS = tuple(range(len(config.KEYWORDS)))
+MATCH_TOLERANCE_S = 1.0   # a decision may come up to this long after its clip ends (window lag)
+
+
+# ----------------------------------------------------------------------------- checks
+def hop_frames(hop_ms: int) -> int:
+    """Number of 20 ms frames per hop; rejects hops that are not a positive multiple of 20 ms."""
+    if not isinstance(hop_ms, (int, np.integer)) or hop_ms <= 0 or hop_ms % FRAME_MS:
+        raise ValueError(f"hop_ms={hop_ms!r}: the hop must be a positive whole multiple of the "
+                         f"{FRAME_MS} ms frame step (e.g. 20, 40, 100), so that each window reuses "
+                         "whole frames of the previous one.")
+    return int(hop_ms) // FRAME_MS
+
+
+def check_threshold(threshold: float) -> float:
+    """Return the threshold as a float, or raise unless it is a probability in [0, 1]."""
+    if not 0.0 <= float(threshold) <= 1.0:
+        raise ValueError(f"threshold={threshold}: a posterior threshold must lie in [0, 1].")
+    return float(threshold)
+
+
+def prepare_recording(audio: np.ndarray, sample_rate: int = config.SAMPLE_RATE) -> np.ndarray:
+    """A 1-D recording as float64 at 16 kHz (resampled with a message); at least 1 s long."""
+    audio = np.asarray(audio)
+    if audio.ndim != 1:
+        raise ValueError(f"expected a mono recording of shape (T,), got shape {audio.shape}.")
+    if sample_rate != config.SAMPLE_RATE:
+        print(f"recording at {sample_rate} Hz: resampling to {config.SAMPLE_RATE} Hz")
+        gcd = np.gcd(int(sample_rate), config.SAMPLE_RATE)
+        audio = resample_poly(audio.astype(np.float64), config.SAMPLE_RATE // gcd,
+                              int(sample_rate) // gcd)
+    if audio.size < config.CLIP_SAMPLES:
+        raise ValueError(f"the recording holds {audio.size} samples ({audio.size / config.SAMPLE_RATE:.3f} s);"
+                         f" streaming needs at least one full 1 s window ({config.CLIP_SAMPLES} samples).")
+    return audio.astype(np.float64)
+
+
+# ----------------------------------------------------------------------------- features
+def window_count(n_samples: int, hop: int) -> int:
+    """Number of full 1 s windows starting every ``hop`` frames."""
+    return (n_samples - config.CLIP_SAMPLES) // (hop * config.FRAME_STEP) + 1
+
+
+def frame_mels(audio: np.ndarray, first: int, count: int) -> torch.Tensor:
+    """Mel energies (count, 40) of the raw signal's frames first .. first+count-1 (float64)."""
+    start = first * config.FRAME_STEP
+    stop = (first + count - 1) * config.FRAME_STEP + config.FRAME_LENGTH
+    return features.mel_energies(features.split_frames(torch.from_numpy(audio[start:stop])))
+
+
+def stream_features(audio: np.ndarray, hop_ms: int = config.STREAM_HOP_MS,
+                    incremental: bool = True) -> Iterator[torch.Tensor]:
+    """Yield the (49, 10) MFCC of each 1 s window, every hop, computing only new frames' mels."""
+    hop = hop_frames(hop_ms)
+    audio = prepare_recording(audio)
+    mels = np.zeros((0, config.N_MELS))
+    extremes = np.zeros((0, 2))          # (max, min) of each 20 ms block in the window
+    done_frames = done_blocks = 0        # frames / blocks computed so far
+    for w in range(window_count(audio.size, hop)):
+        first = w * hop
+        if not incremental:
+            yield features.mfcc(audio[first * config.FRAME_STEP:][:config.CLIP_SAMPLES])
+            continue
+        # Only frames and 20 ms blocks not seen by an earlier window are computed here.
+        start = max(done_frames, first)
+        new_mels = frame_mels(audio, start, first + config.N_FRAMES - start).numpy()
+        mels = np.concatenate([mels, new_mels])[-config.N_FRAMES:]
+        start = max(done_blocks, first)
+        blocks = audio[start * config.FRAME_STEP:(first + WINDOW_BLOCKS) * config.FRAME_STEP]
+        blocks = blocks.reshape(-1, config.FRAME_STEP)
+        new_ext = np.stack([blocks.max(axis=1), blocks.min(axis=1)], axis=1)
+        extremes = np.concatenate([extremes, new_ext])[-WINDOW_BLOCKS:]
+        done_frames, done_blocks = first + config.N_FRAMES, first + WINDOW_BLOCKS
+        # peak_scale of the block extremes is the window's own divisor (max, or |x| fallback).
+        peak = features.peak_scale(torch.from_numpy(extremes).reshape(1, -1)).item()
+        yield features.mfcc_from_mel(torch.from_numpy(mels / peak)).to(torch.float32)
+
+
+# ----------------------------------------------------------------------------- inference
+@dataclass
+class StreamResult:
+    """Per-hop decision times (window ends, s), raw and smoothed posteriors (T, 12)."""
+
+    times: np.ndarray
+    posteriors: np.ndarray
+    smoothed: np.ndarray
+    hop_ms: int
+    smooth_ms: int
+    duration_s: float
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax, computed stably."""
+    z = logits - logits.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def smooth(posteriors: np.ndarray, span: int) -> np.ndarray:
+    """Causal moving average over the last ``span`` rows (fewer at the start)."""
+    if span < 1:
+        raise ValueError(f"smoothing span {span}: use at least one hop.")
+    csum = np.cumsum(np.vstack([np.zeros((1, posteriors.shape[1])), posteriors]), axis=0)
+    rows = np.arange(1, len(posteriors) + 1)
+    lo = np.maximum(rows - span, 0)
+    return (csum[rows] - csum[lo]) / (rows - lo)[:, None]
+
+
+def onnx_session(path: str) -> ort.InferenceSession:
+    """A single-threaded CPU session (one decision at a time, as on a device)."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def logits_of(session: ort.InferenceSession, x: np.ndarray) -> np.ndarray:
+    """Float logits of a batch (N, 1, 49, 10); refuses integer-coded outputs it cannot scale."""
+    out = session.run(None, {session.get_inputs()[0].name: x})[0]
+    if not np.issubdtype(out.dtype, np.floating):
+        raise ValueError("the ONNX model outputs integer logit codes without their scale, so no "
+                         "posteriors can be formed; export it with output='float' "
+                         "(int_model.output = 'float' before export).")
+    return out
+
+
+def run_stream(onnx_path: str, audio: np.ndarray, sample_rate: int = config.SAMPLE_RATE,
+               hop_ms: int = config.STREAM_HOP_MS, smooth_ms: int = config.STREAM_SMOOTH_MS,
+               incremental: bool = True, progress: bool = True) -> StreamResult:
+    """Slide the model over a recording: one batch-1 inference per hop, then smoothing."""
+    hop = hop_frames(hop_ms)
+    audio = prepare_recording(audio, sample_rate)
+    session = onnx_session(onnx_path)
+    n = window_count(audio.size, hop)
+    windows = stream_features(audio, hop_ms, incremental)
+    threads = torch.get_num_threads()
+    # Per-hop tensors are tiny: extra torch threads only add hand-over cost (2-10x slower here).
+    torch.set_num_threads(1)
+    try:
+        logits = [logits_of(session, feats.numpy()[None, None])[0]
+                  for feats in tqdm(windows, total=n, desc="streaming", unit="hop",
+                                    disable=not progress)]
+    finally:
+        torch.set_num_threads(threads)
+    posteriors = softmax(np.stack(logits).astype(np.float64))
+    times = (np.arange(n) * hop * config.FRAME_STEP + config.CLIP_SAMPLES) / config.SAMPLE_RATE
+    span = max(1, round(smooth_ms / hop_ms))
+    return StreamResult(times, posteriors, smooth(posteriors, span), hop_ms, smooth_ms,
+                        audio.size / config.SAMPLE_RATE)
+
+
+# ----------------------------------------------------------------------------- detection
+@dataclass(frozen=True)
+class Detection:
+    """A keyword decision: when (end of the window, s), which class, with what smoothed score."""
+
+    time_s: float
+    label: int
+    score: float
+
+
+@dataclass(frozen=True)
+class Event:
+    """A clip placed in the long recording: its class and span (s)."""
+
+    label: int
+    start_s: float
+    end_s: float
+
+
+def detect(result: StreamResult, threshold: float = config.STREAM_THRESHOLD,
+           refractory_ms: int = config.STREAM_REFRACTORY_MS) -> list[Detection]:
+    """Fire when a keyword's smoothed posterior reaches the threshold, then stay quiet a while."""
+    threshold = check_threshold(threshold)
+    scores = result.smoothed[:, KEYWORD_IDS]
+    best, label = scores.max(axis=1), scores.argmax(axis=1)
+    out: list[Detection] = []
+    for i in np.nonzero(best >= threshold)[0]:
+        # The refractory period stops one utterance from firing on every hop it is in view.
+        if not out or result.times[i] - out[-1].time_s >= refractory_ms / 1000:
+            out.append(Detection(float(result.times[i]), int(label[i]), float(best[i])))
+    return out
+
+
+@dataclass(frozen=True)
+class Score:
+    """Detection quality at one threshold."""
+
+    threshold: float
+    hits: int
+    misses: int
+    false_alarms: int
+    hours: float
+
+    @property
+    def fa_per_hour(self) -> float:
+        """False alarms per hour of audio."""
+        return self.false_alarms / self.hours
+
+    @property
+    def miss_rate(self) -> float:
+        """Share of keyword events without a correct detection."""
+        return self.misses / max(self.hits + self.misses, 1)
+
+
+def match(detections: Sequence[Detection], events: Sequence[Event],
+          tolerance_s: float = MATCH_TOLERANCE_S) -> dict[int, int]:
+    """Map detection index -> keyword event index it correctly finds (each event once)."""
+    found: dict[int, int] = {}
+    taken: set[int] = set()
+    for d, det in enumerate(detections):
+        for e, ev in enumerate(events):
+            if (e not in taken and ev.label == det.label
+                    and ev.start_s <= det.time_s <= ev.end_s + tolerance_s):
+                found[d] = e
+                taken.add(e)
+                break
+    return found
+
+
+def score(detections: Sequence[Detection], events: Sequence[Event], duration_s: float,
+          threshold: float = float("nan")) -> Score:
+    """Hits, misses and false alarms (wrong word, no word, or a repeat) of one detection run."""
+    keyword_events = [ev for ev in events if ev.label in KEYWORD_IDS]
+    hits = len(match(detections, keyword_events))
+    return Score(threshold, hits, len(keyword_events) - hits, len(detections) - hits,
+                 duration_s / 3600)
+
+
+def sweep(result: StreamResult, events: Sequence[Event], thresholds: Sequence[float],
+          refractory_ms: int = config.STREAM_REFRACTORY_MS) -> list[Score]:
+    """Score every threshold (the model ran once; only the decisions are redone)."""
+    return [score(detect(result, t, refractory_ms), events, result.duration_s, t)
+            for t in thresholds]
+
+
+# ----------------------------------------------------------------------------- test recording
+def _noise_bed(bank: Sequence[np.ndarray], n: int, rng: np.random.Generator) -> np.ndarray:
+    """n samples of background noise: random 5 s pieces of random recordings, unit RMS."""
+    piece = 5 * config.SAMPLE_RATE
+    parts = []
+    for start in range(0, n, piece):
+        rec = bank[rng.integers(len(bank))]
+        offset = rng.integers(0, max(rec.size - piece, 0) + 1)
+        part = np.resize(rec[offset:offset + piece], min(piece, n - start)).astype(np.float64)
+        parts.append(part / max(np.sqrt(np.mean(part ** 2)), 1e-9))
+    return np.concatenate(parts)
+
+
+def build_long_recording(info: data.DatasetInfo, n_keywords: int, n_distractors: int = 0,
+                         gap_s: tuple[float, float] = (0.5, 2.0),
+                         snr_db: float = config.STREAM_SNR_DB, seed: int = config.SEED
+                         ) -> tuple[np.ndarray, list[Event]]:
+    """Held-out test clips at known places over background noise -> (float32 audio, events)."""
+    rng = np.random.default_rng(seed)
+    test = data.splits(info)["test"]
+    keywords = [c for c in test if c.label in KEYWORD_IDS]
+    others = [c for c in test if c.label == config.UNKNOWN_INDEX]
+    if n_keywords > len(keywords) or n_distractors > len(others):
+        raise ValueError(f"asked for {n_keywords} keyword / {n_distractors} unknown clips; the "
+                         f"test set has {len(keywords)} / {len(others)}.")
+    chosen = ([keywords[i] for i in rng.choice(len(keywords), n_keywords, replace=False)]
+              + [others[i] for i in rng.choice(len(others), n_distractors, replace=False)])
+    chosen = [chosen[i] for i in rng.permutation(len(chosen))]
+    clips = data.load_clips(chosen, desc="test clips").astype(np.float64) / features.INT16_SCALE
+    gaps = rng.uniform(*gap_s, size=len(chosen) + 1)
+    starts = (np.cumsum(gaps)[:-1] + np.arange(len(chosen))) * config.SAMPLE_RATE
+    starts = starts.astype(int)
+    total = int(starts[-1] + config.CLIP_SAMPLES + gaps[-1] * config.SAMPLE_RATE)
+    speech_rms = np.median(np.sqrt(np.mean(clips ** 2, axis=1)))
+    audio = _noise_bed(data.noise_bank(info, include_validation=True), total, rng)
+    audio *= speech_rms / 10 ** (snr_db / 20)
+    for start, clip in zip(starts, clips):
+        audio[start:start + config.CLIP_SAMPLES] += clip
+    events = [Event(c.label, s / config.SAMPLE_RATE, (s + config.CLIP_SAMPLES) / config.SAMPLE_RATE)
+              for c, s in zip(chosen, starts)]
+    return np.clip(audio, -1.0, 1.0).astype(np.float32), events
+
+
+# ----------------------------------------------------------------------------- plots
+def _check_plot_inputs(audio: np.ndarray, result: StreamResult, span: tuple[float, float]) -> None:
+    """Raise a clear error before any drawing if the inputs cannot make a timeline."""
+    if np.asarray(audio).ndim != 1 or len(audio) == 0:
+        raise ValueError("audio must be the non-empty 1-D recording the stream was run on.")
+    if len(result.times) == 0 or len(result.times) != len(result.smoothed):
+        raise ValueError("the stream result holds no decisions (or mismatched arrays); run "
+                         "run_stream on a recording of at least 1 s.")
+    if not span[0] < span[1]:
+        raise ValueError(f"time span {span}: the start must come before the end.")
+
+
+def plot_timeline(audio: np.ndarray, result: StreamResult, detections: Sequence[Detection],
+                  events: Sequence[Event], source: str, threshold: float,
+                  span: tuple[float, float] | None = None) -> plt.Figure:
+    """Waveform, smoothed keyword posteriors and detections against the truth over time."""
+    span = span or (0.0, result.duration_s)
+    _check_plot_inputs(audio, result, span)
+    found = match(detections, [ev for ev in events if ev.label in KEYWORD_IDS])
+    fig, (a, b, c) = plt.subplots(3, 1, figsize=(13, 7), sharex=True,
+                                  gridspec_kw={"height_ratios": [1, 1.4, 0.8]})
+    t = np.arange(len(audio)) / config.SAMPLE_RATE
+    a.plot(t, audio, lw=0.3)
+    a.set(title="Recording", ylabel="amplitude (full scale)")
+    for k in KEYWORD_IDS:
+        b.plot(result.times, result.smoothed[:, k], lw=1, label=config.LABELS[k])
+    b.axhline(threshold, color="k", ls="--", lw=0.8, label="threshold")
+    b.set(title=f"Smoothed posteriors ({result.smooth_ms} ms average, hop {result.hop_ms} ms)",
+          ylabel="posterior", ylim=(0, 1.05))
+    b.legend(ncol=6, fontsize=7, loc="upper right")
+    for ev in events:
+        color = "tab:green" if ev.label in KEYWORD_IDS else "0.7"
+        c.axvspan(ev.start_s, ev.end_s, 0.5, 1.0, color=color, alpha=0.4)
+        c.text((ev.start_s + ev.end_s) / 2, 0.75, config.LABELS[ev.label], ha="center", fontsize=7,
+               clip_on=True)
+    for i, det in enumerate(detections):
+        color = "tab:blue" if i in found else "tab:red"
+        c.axvline(det.time_s, 0.0, 0.5, color=color, lw=2)
+        c.text(det.time_s, 0.2, config.LABELS[det.label], color=color, fontsize=7, ha="left",
+               clip_on=True)
+    c.set(title="Truth (top: keyword green, distractor grey) vs detections (bottom: hit blue, "
+          "false alarm red)", xlabel="time (s)", yticks=[], xlim=span)
+    fig.suptitle(plots.source_tag(source), fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def plot_det(scores: Sequence[Score], source: str, chosen: float | None = None) -> plt.Figure:
+    """DET-style curve: miss rate against false alarms per hour, one point per threshold."""
+    if not scores:
+        raise ValueError("no scores to plot: pass the output of sweep() over some thresholds.")
+    fa = np.array([s.fa_per_hour for s in scores])
+    miss = np.array([s.miss_rate for s in scores]) * 100
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    ax.plot(fa, miss, "o-", ms=3)
+    for s in scores:
+        if chosen is not None and np.isclose(s.threshold, chosen):
+            ax.plot(s.fa_per_hour, s.miss_rate * 100, "r*", ms=14, label=f"threshold {chosen:g}")
+            ax.legend()
+    ax.set(title=f"Detection error trade-off\n{plots.source_tag(source)}",
+           xlabel="false alarms per hour", ylabel="miss rate (%)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,172 @@
+"""Deployment: ONNX read-back, the NumPy integer reference, packing, the C header, the budget."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from kws_utils import config, data, deploy, export, model, quant
+
+BITS = (8, 4, 2)
+
+
+@pytest.fixture(scope="module")
+def calibrated(tmp_path_factory) -> dict:
+    """Per bit width: the IntegerModel, its ONNX file (float output) and held-out inputs."""
+    torch.manual_seed(2)
+    net = model.DSCNN().train()
+    with torch.no_grad():
+        net(torch.randn(64, *config.INPUT_SHAPE) * 8)   # BatchNorm statistics that are not 0/1
+    net.eval()
+    # Per-input offsets per coefficient: pooled features (and so the outputs) differ by input.
+    x = (torch.randn(200, *config.INPUT_SHAPE) + torch.randn(200, 1, 1, config.N_MFCC)) * 8
+    tmp = tmp_path_factory.mktemp("deploy_models")
+    out = {"net": net, "x": x[100:], "tmp": tmp}
+    for bits in BITS:
+        int_model = deploy.ptq_integer_model(net, x[:100], bits)
+        out[bits] = (int_model, int_model.export(x[:1], tmp / f"int{bits}.onnx"))
+    return out
+
+
+def _same_layers(a: quant.IntegerModel, b: quant.IntegerModel) -> None:
+    """Assert that two integer models hold identical integers and layer geometry."""
+    assert (a.input_scale, a.input_qmin, a.input_qmax) == (b.input_scale, b.input_qmin, b.input_qmax)
+    assert len(a.layers) == len(b.layers)
+    for la, lb in zip(a.layers, b.layers):
+        assert (la.op, la.stride, la.padding, la.groups, la.qmin, la.qmax) == \
+               (lb.op, lb.stride, lb.padding, lb.groups, lb.qmin, lb.qmax)
+        for field in ("weight", "bias", "offset", "mult", "shift"):
+            va, vb = getattr(la, field), getattr(lb, field)
+            assert (va is None and vb is None) or np.array_equal(va, vb), (la.name, field)
+
+
+# ----------------------------------------------------------------------------- packing
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("count", [1, 7, 64, 2561])
+def test_pack_unpack_roundtrip(bits: int, count: int) -> None:
+    limit = 2 ** (bits - 1) - 1
+    values = np.random.default_rng(count).integers(-limit, limit + 1, count)
+    packed = deploy.pack(values, bits)
+    assert packed.size == -(-count * bits // 8)        # two int4 / four int2 per byte
+    assert np.array_equal(deploy.unpack(packed, bits, count), values)
+
+
+def test_packing_layout_is_low_bits_first_twos_complement() -> None:
+    assert deploy.pack([1, -1], 4).tolist() == [0xF1]
+    assert deploy.pack([1, -1, 0, 1], 2).tolist() == [0b01_00_11_01]
+    assert deploy.pack([-7, 7, 3], 4).tolist() == [0x79, 0x03]
+
+
+# ----------------------------------------------------------------------------- ONNX read-back
+@pytest.mark.parametrize("bits", BITS)
+def test_onnx_file_reads_back_the_exported_integers(calibrated: dict, bits: int) -> None:
+    int_model, path = calibrated[bits]
+    loaded = deploy.load_integer_onnx(path)
+    _same_layers(loaded, int_model)
+    assert loaded.output == "float" and loaded.output_scale == int_model.output_scale
+    assert all(l.weight_bits == bits for l in loaded.layers if l.weight is not None)
+
+
+def test_float_onnx_is_not_an_integer_model(calibrated: dict) -> None:
+    path = export.export_onnx(calibrated["net"], calibrated["tmp"] / "float.onnx")
+    with pytest.raises(ValueError, match="not an integer model"):
+        deploy.load_integer_onnx(path)
+
+
+# ----------------------------------------------------------------------------- NumPy reference
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("output", ["float", "int8"])
+def test_numpy_reference_is_bit_exact_with_onnxruntime(calibrated: dict, bits: int,
+                                                       output: str) -> None:
+    int_model, path = calibrated[bits]
+    if output == "int8":
+        int_model.output = "int8"
+        path = int_model.export(calibrated["x"][:1], calibrated["tmp"] / f"int{bits}_codes.onnx")
+        int_model.output = "float"
+    x = calibrated["x"]
+    ort_out, np_out = export.onnx_predict(path, x), deploy.numpy_reference(path, x)
+    assert np_out.dtype == ort_out.dtype
+    assert np.array_equal(np_out, ort_out)
+    assert len(np.unique(np_out, axis=0)) > 5     # inputs give different outputs
+
+
+def test_numpy_reference_notices_a_changed_weight(calibrated: dict) -> None:
+    int_model, path = calibrated[8]
+    changed = deploy.load_integer_onnx(path)
+    changed.layers[0].weight = changed.layers[0].weight.copy()
+    changed.layers[0].weight[0, 0, 0, 0] += 40
+    x = calibrated["x"]
+    assert not np.array_equal(deploy.numpy_reference(changed, x), export.onnx_predict(path, x))
+
+
+def test_numpy_reference_rejects_wrong_input_shape(calibrated: dict) -> None:
+    with pytest.raises(ValueError, match=r"\(N, 1, 49, 10\)"):
+        deploy.numpy_reference(calibrated[8][1], np.zeros((2, 49, 10)))
+
+
+needs_mlperf = pytest.mark.skipif(not (config.mlperf_dir() / "kws01").is_dir()
+                                  or not (config.mlperf_dir() / "kws_dscnn_pb2pth_checkpoint.pth").is_file(),
+                                  reason="MLPerf kws01 artifacts absent")
+
+
+@needs_mlperf
+def test_numpy_reference_bit_exact_on_real_mlperf_inputs(tmp_path: Path) -> None:
+    x, y, _ = data.load_kws01()
+    int_model = deploy.ptq_integer_model(model.reference_model(), x[:200], 8)
+    path = int_model.export(x[:1], tmp_path / "ref_int8.onnx")
+    got, want = deploy.numpy_reference(path, x[200:600]), export.onnx_predict(path, x[200:600])
+    assert np.array_equal(got, want)
+    assert (got.argmax(1) == y[200:600].numpy()).mean() > 0.85
+
+
+# ----------------------------------------------------------------------------- C header
+@pytest.mark.parametrize("bits", BITS)
+def test_header_roundtrip_reproduces_the_onnx_integers(calibrated: dict, bits: int) -> None:
+    int_model, path = calibrated[bits]
+    header = deploy.write_header(path, calibrated["tmp"] / f"kws_int{bits}.h")
+    text = header.read_text()
+    assert "#include <stdint.h>" in text and text.count("#ifndef") == 1
+    parsed = deploy.read_header(header)
+    assert parsed.defines["KWS_L0_WEIGHT_BITS"] == bits
+    assert parsed.arrays["kws_l0_weight"].dtype == (np.int8 if bits == 8 else np.uint8)
+    assert parsed.arrays["kws_l0_weight"].size == -(-int_model.layers[0].weight.size * bits // 8)
+    rebuilt = deploy.model_from_header(header)
+    _same_layers(rebuilt, deploy.load_integer_onnx(path))
+    x = calibrated["x"]
+    assert np.array_equal(deploy.numpy_reference(rebuilt, x), export.onnx_predict(path, x))
+
+
+def test_header_gives_input_scale_as_power_of_two(calibrated: dict) -> None:
+    int_model, path = calibrated[8]
+    defines = deploy.read_header(deploy.write_header(path, calibrated["tmp"] / "k.h")).defines
+    assert 2.0 ** defines["KWS_INPUT_SCALE_LOG2"] == int_model.input_scale == defines["KWS_INPUT_SCALE"]
+    assert deploy.power2_exponent(0.125) == -3 and deploy.power2_exponent(0.3) is None
+
+
+def test_truncated_header_array_is_reported(calibrated: dict) -> None:
+    path = deploy.write_header(calibrated[2][1], calibrated["tmp"] / "bad.h")
+    path.write_text(path.read_text().replace("static const int32_t kws_l0_bias[64] = {\n    ",
+                                             "static const int32_t kws_l0_bias[64] = {\n    1, ", 1))
+    with pytest.raises(ValueError, match="declares 64 values"):
+        deploy.read_header(path)
+
+
+# ----------------------------------------------------------------------------- budget
+def test_budget_packs_weights_and_counts_the_model(calibrated: dict) -> None:
+    net, tmp = calibrated["net"], calibrated["tmp"]
+    float_onnx = export.export_onnx(net, tmp / "float_budget.onnx")
+    rows = deploy.budget(net, float_onnx, {b: calibrated[b][1] for b in BITS}, runs=5)
+    by_name = {r.variant: r for r in rows}
+    n_weights = sum(l.weight.size for l in calibrated[8][0].layers if l.weight is not None)
+    assert by_name["int8 weights"].weight_bytes == n_weights
+    assert by_name["float32"].weight_bytes == 4 * n_weights
+    assert by_name["int4 weights"].weight_bytes == pytest.approx(n_weights / 2, abs=10)
+    assert by_name["int2 weights"].weight_bytes == pytest.approx(n_weights / 4, abs=20)
+    # 64 x 25 x 5 int8 activations in and out of a depthwise layer; float is 4 bytes each
+    assert by_name["int8 weights"].peak_activation_bytes == 2 * 64 * 25 * 5
+    assert by_name["float32"].peak_activation_bytes == 4 * 2 * 64 * 25 * 5
+    assert all(r.macs == sum(s.macs for s in model.layer_stats(net)) for r in rows)
+    assert all(r.latency_ms > 0 for r in rows)
+    assert len(rows[0].row(100)) == len(deploy.BUDGET_HEADERS)

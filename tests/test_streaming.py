@@ -1,0 +1,204 @@
+"""Streaming detection: incremental features, inference over a long recording, detection, scoring."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import pytest
+import torch
+
+matplotlib.use("Agg")
+
+from kws_utils import config, deploy, features, model, streaming  # noqa: E402
+from test_data import make_test_dir, make_train_dir  # noqa: E402  (the miniature dataset)
+
+RATE = config.SAMPLE_RATE
+
+
+def _recording(seconds: float, seed: int = 0) -> np.ndarray:
+    """Random int16 'speech' whose loudness (and so each window's max) changes over time."""
+    rng = np.random.default_rng(seed)
+    n = int(seconds * RATE)
+    envelope = 0.2 + np.abs(np.sin(np.arange(n) / 5000))
+    return (rng.standard_normal(n) * 3000 * envelope).astype(np.int16)
+
+
+@pytest.mark.parametrize("hop_ms", [20, 100, 180, 1000])
+def test_incremental_features_equal_full_mfcc_of_each_window(hop_ms: int) -> None:
+    audio = _recording(2.3)
+    hop = hop_ms * RATE // 1000
+    windows = list(streaming.stream_features(audio, hop_ms))
+    assert len(windows) == (audio.size - RATE) // hop + 1
+    for w, got in enumerate(windows):
+        want = features.mfcc(audio[w * hop:w * hop + RATE])
+        assert got.shape == (config.N_FRAMES, config.N_MFCC)
+        assert (got - want).abs().max().item() < 1e-4
+
+
+def test_window_max_in_its_last_samples_and_negative_windows() -> None:
+    # The max sits in samples 15840..15999, which no frame covers but the reference scales by;
+    # the second window holds only negative samples (the |x| fallback of peak_scale).
+    audio = np.concatenate([_recording(1.0) // 4, -np.abs(_recording(1.0, seed=1)) - 1])
+    audio[RATE - 50] = 32000
+    windows = list(streaming.stream_features(audio, 1000))
+    for w, got in enumerate(windows):
+        want = features.mfcc(audio[w * RATE:(w + 1) * RATE])
+        assert (got - want).abs().max().item() < 1e-4
+
+
+def test_recompute_mode_gives_the_same_features() -> None:
+    audio = _recording(2.0)
+    inc = torch.stack(list(streaming.stream_features(audio, 60)))
+    full = torch.stack(list(streaming.stream_features(audio, 60, incremental=False)))
+    assert (inc - full).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("hop_ms", [0, -20, 30, 25, 10.0])
+def test_hop_must_be_a_multiple_of_the_frame_step(hop_ms) -> None:
+    with pytest.raises(ValueError, match="multiple of the 20 ms frame step"):
+        streaming.hop_frames(hop_ms)
+
+
+@pytest.mark.parametrize("audio", [np.zeros(0), np.zeros(RATE - 1), np.zeros((2, RATE))])
+def test_empty_short_or_multichannel_recordings_are_rejected(audio: np.ndarray) -> None:
+    with pytest.raises(ValueError, match="at least one full 1 s window|mono recording"):
+        streaming.prepare_recording(audio)
+
+
+def test_other_sample_rate_is_resampled_with_a_message(capsys) -> None:
+    audio = _recording(1.5)
+    resampled = streaming.prepare_recording(audio[::2], sample_rate=8000)
+    assert "resampling to 16000 Hz" in capsys.readouterr().out
+    assert abs(resampled.size - audio.size) <= 2
+
+
+@pytest.mark.parametrize("threshold", [-0.1, 1.01])
+def test_threshold_outside_unit_interval_is_rejected(threshold: float) -> None:
+    with pytest.raises(ValueError, match=r"in \[0, 1\]"):
+        streaming.check_threshold(threshold)
+
+
+def test_smoothing_is_a_causal_moving_average() -> None:
+    x = np.arange(6, dtype=float)[:, None]
+    assert np.allclose(streaming.smooth(x, 3)[:, 0], [0, 0.5, 1, 2, 3, 4])
+    assert np.allclose(streaming.smooth(x, 1), x)
+
+
+def _result(keyword_scores: dict[int, list[float]], hop_ms: int = 100) -> streaming.StreamResult:
+    """A StreamResult whose smoothed posteriors are given per class (others zero)."""
+    n = len(next(iter(keyword_scores.values())))
+    post = np.zeros((n, len(config.LABELS)))
+    for k, values in keyword_scores.items():
+        post[:, k] = values
+    times = 1.0 + np.arange(n) * hop_ms / 1000
+    return streaming.StreamResult(times, post, post, hop_ms, hop_ms, float(times[-1]))
+
+
+def test_detection_threshold_and_refractory_period() -> None:
+    yes, no = config.LABELS.index("yes"), config.LABELS.index("no")
+    result = _result({yes: [0, .9, .9, .9, 0, 0, 0, 0, 0, 0, 0, 0, .9],
+                      no: [0, 0, 0, 0, 0, .3, 0, .8, 0, 0, 0, 0, 0]})
+    dets = streaming.detect(result, threshold=0.5, refractory_ms=500)
+    assert [(d.label, round(d.time_s, 1)) for d in dets] == [(yes, 1.1), (no, 1.7), (yes, 2.2)]
+    assert len(streaming.detect(result, threshold=0.5, refractory_ms=1500)) == 1
+    assert streaming.detect(result, threshold=0.95) == []
+    silence = _result({config.SILENCE_INDEX: [1.0] * 5})
+    assert streaming.detect(silence, threshold=0.1) == []    # only keywords are detected
+
+
+def test_scoring_counts_hits_misses_and_false_alarms() -> None:
+    yes, no, up = (config.LABELS.index(w) for w in ("yes", "no", "up"))
+    events = [streaming.Event(yes, 2.0, 3.0), streaming.Event(no, 5.0, 6.0),
+              streaming.Event(up, 8.0, 9.0), streaming.Event(config.UNKNOWN_INDEX, 11.0, 12.0)]
+    dets = [streaming.Detection(2.8, yes, .9),      # hit
+            streaming.Detection(3.5, yes, .9),      # repeat of the same event: false alarm
+            streaming.Detection(5.5, up, .9),       # wrong word: false alarm, "no" missed
+            streaming.Detection(9.9, up, .9),       # within the tolerance after the clip: hit
+            streaming.Detection(11.5, go := config.LABELS.index("go"), .9)]  # on a distractor
+    s = streaming.score(dets, events, duration_s=1800.0)
+    assert (s.hits, s.misses, s.false_alarms) == (2, 1, 3)
+    assert s.fa_per_hour == pytest.approx(6.0) and s.miss_rate == pytest.approx(1 / 3)
+    assert go not in (yes, no, up)
+
+
+def test_sweep_false_alarms_fall_as_threshold_rises() -> None:
+    rng = np.random.default_rng(0)
+    result = _result({k: list(rng.uniform(0, 1, 300)) for k in range(10)})
+    scores = streaming.sweep(result, [], np.linspace(0, 1, 11), refractory_ms=0)
+    fas = [s.false_alarms for s in scores]
+    assert fas == sorted(fas, reverse=True) and fas[0] == 300 and fas[-1] <= 3
+
+
+# ----------------------------------------------------------------------------- with a model
+@pytest.fixture(scope="module")
+def onnx_files(tmp_path_factory) -> dict[str, Path]:
+    """PTQ int8 models (float and int8 output) of a random DS-CNN, calibrated on real MFCC."""
+    torch.manual_seed(0)
+    net = model.DSCNN().eval()
+    calib = torch.stack(list(streaming.stream_features(_recording(3.0, seed=3), 100)))[:, None]
+    tmp = tmp_path_factory.mktemp("stream_models")
+    return {out: deploy.ptq_integer_model(net, calib, 8, output=out).export(
+        calib[:1], tmp / f"int8_{out}.onnx") for out in ("float", "int8")}
+
+
+def test_run_stream_gives_posteriors_per_hop(onnx_files: dict[str, Path]) -> None:
+    audio = _recording(3.0)
+    result = streaming.run_stream(onnx_files["float"], audio, hop_ms=200, smooth_ms=400,
+                                  progress=False)
+    assert result.posteriors.shape == (11, len(config.LABELS))
+    assert np.allclose(result.posteriors.sum(1), 1) and np.allclose(result.smoothed.sum(1), 1)
+    assert result.times[0] == 1.0 and result.times[-1] == pytest.approx(3.0)
+    assert result.duration_s == pytest.approx(3.0)
+
+
+def test_integer_coded_output_is_refused_with_advice(onnx_files: dict[str, Path]) -> None:
+    with pytest.raises(ValueError, match="output='float'"):
+        streaming.run_stream(onnx_files["int8"], _recording(1.2), progress=False)
+
+
+def test_timeline_plot_checks_inputs_before_drawing(onnx_files: dict[str, Path]) -> None:
+    audio = _recording(2.0)
+    result = streaming.run_stream(onnx_files["float"], audio, progress=False)
+    dets = streaming.detect(result, 0.0)
+    events = [streaming.Event(config.LABELS.index("yes"), 0.2, 1.2)]
+    fig = streaming.plot_timeline(audio, result, dets, events, "synthetic", 0.0)
+    assert len(fig.axes) == 3 and all(ax.get_title() for ax in fig.axes)
+    empty = streaming.StreamResult(np.zeros(0), np.zeros((0, 12)), np.zeros((0, 12)), 100, 100, 0.0)
+    with pytest.raises(ValueError, match="no decisions"):
+        streaming.plot_timeline(audio, empty, [], [], "synthetic", 0.5)
+    with pytest.raises(ValueError, match="non-empty 1-D"):
+        streaming.plot_timeline(np.zeros(0), result, dets, events, "synthetic", 0.5)
+    with pytest.raises(ValueError, match="no scores"):
+        streaming.plot_det([], "synthetic")
+
+
+# ----------------------------------------------------------------------------- test recording
+def _mini_info(tmp_path: Path):
+    """The miniature dataset of test_data (constant-valued clips)."""
+    from kws_utils import data
+    return data.DatasetInfo("synthetic", make_train_dir(tmp_path / "train"),
+                            make_test_dir(tmp_path / "test", per_class=3), "miniature")
+
+
+def test_long_recording_places_clips_at_their_events(tmp_path: Path) -> None:
+    info = _mini_info(tmp_path)
+    audio, events = streaming.build_long_recording(info, 6, 2, snr_db=300, seed=1)
+    assert audio.dtype == np.float32 and len(events) == 8
+    assert sum(ev.label in streaming.KEYWORD_IDS for ev in events) == 6
+    starts = [ev.start_s for ev in events]
+    assert starts == sorted(starts)
+    assert all(b.start_s - a.end_s >= 0.5 - 1e-9 for a, b in zip(events, events[1:]))
+    inside = np.zeros(audio.size, bool)
+    for ev in events:
+        span = audio[round(ev.start_s * RATE):round(ev.end_s * RATE)]
+        inside[round(ev.start_s * RATE):round(ev.end_s * RATE)] = True
+        assert np.ptp(span) < 1e-6 and span[0] * 32768 == pytest.approx(round(span[0] * 32768), abs=1e-3)
+    assert np.abs(audio[~inside]).max() < 1e-6   # noise 300 dB down
+    again, _ = streaming.build_long_recording(info, 6, 2, snr_db=300, seed=1)
+    assert np.array_equal(audio, again)
+
+
+def test_long_recording_refuses_more_clips_than_the_test_set(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="test set has"):
+        streaming.build_long_recording(_mini_info(tmp_path), 1000)
