@@ -3,14 +3,15 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Callable
 
-if __name__ == "__main__":   # run as a script: make kws_utils importable from the repo root
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# Importable from the repo root (kws_utils) and from this folder (timing), as script or module.
+sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent)]
 
 import torch
+
+from timing import best_seconds  # noqa: E402
 
 from kws_utils import config, features
 
@@ -21,12 +22,7 @@ REPEATS = 3        # best of 3: the figure least disturbed by other work on the 
 
 def clips_per_second(fn: Callable[[], object], n_clips: int) -> float:
     """Best clips/s over REPEATS calls of ``fn``, which processes ``n_clips`` clips per call."""
-    best = float("inf")
-    for _ in range(REPEATS):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return round(n_clips / best, 1)
+    return round(n_clips / best_seconds(fn, REPEATS), 1)
 
 
 def in_batches(fn: Callable[[torch.Tensor], torch.Tensor], waves: torch.Tensor,

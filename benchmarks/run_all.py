@@ -9,27 +9,31 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent)]
 from kws_utils import config  # noqa: E402
 
 # Benchmark modules in course order; each has run() -> dict of figures.
 MODULES = ["bench_features", "bench_data", "bench_training", "bench_deploy", "bench_streaming"]
 
 
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo (Linux), else what platform reports."""
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    return next((l.split(":", 1)[1].strip() for l in lines if l.startswith("model name")),
+                platform.processor())
+
+
 def machine() -> dict:
     """Where the figures were measured."""
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
     import torch
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+    return {"cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
             "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
             "date": time.strftime("%Y-%m-%d")}
 
 
 def main() -> None:
     """Run each benchmark module that exists and save all figures in one JSON file."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     results = {"machine": machine()}
     for name in MODULES:
         if not (Path(__file__).resolve().parent / f"{name}.py").exists():
