@@ -15,7 +15,7 @@ import torch
 
 from timing import best_seconds  # noqa: E402
 
-from kws_utils import config, deploy, model, streaming
+from kws_utils import config, deploy, model, quant, streaming
 
 SECONDS = 20          # length of the random test recording
 HOPS_MS = (20, 100)   # the finest hop (every frame) and the course default
@@ -43,7 +43,7 @@ def run() -> dict:
     calib = torch.stack(list(streaming.stream_features(audio[:5 * config.SAMPLE_RATE], 100)))[:, None]
     out: dict = {"audio_seconds": SECONDS, "torch_threads": torch.get_num_threads()}
     with tempfile.TemporaryDirectory() as tmp:
-        onnx = deploy.ptq_integer_model(model.DSCNN().eval(), calib, 8).export(calib[:1], Path(tmp) / "m.onnx")
+        onnx = quant.ptq(model.DSCNN().eval(), 8, calib).integer_model.export(calib[:1], Path(tmp) / "m.onnx")
         for hop in HOPS_MS:
             for mode, incremental in (("incremental", True), ("recompute", False)):
                 feats = lambda: list(streaming.stream_features(audio, hop, incremental))

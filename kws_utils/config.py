@@ -72,7 +72,7 @@ PROFILES = {
     "default": Profile("default", synth_speakers=600, synth_test_per_class=408, epochs=10,
                        batch_size=100, lr=0.05, aug_views=4, qat_epochs=4, qat_lr=0.005,
                        calib_clips=1000),
-    "ci": Profile("ci", synth_speakers=60, synth_test_per_class=40, epochs=3,
+    "ci": Profile("ci", synth_speakers=60, synth_test_per_class=40, epochs=8,
                   batch_size=100, lr=0.05, aug_views=2, qat_epochs=2, qat_lr=0.005,
                   calib_clips=200),
 }

@@ -30,7 +30,6 @@ OPS = ("conv", "avgpool", "linear")
 _NODE_OPS = {"Conv": "conv", "Gemm": "linear", "ReduceSum": "avgpool"}
 _C_TYPES = {"int8_t": np.int8, "uint8_t": np.uint8, "int32_t": np.int32}
 # Notebook 06's own PTQ export, used when notebook 05 left no float-output file.
-OWN_NAME = "deploy_kws_int{bits}_ptq.onnx"
 
 
 # ----------------------------------------------------------------------------- ONNX -> model
@@ -81,7 +80,8 @@ def load_integer_onnx(path: str | Path) -> quant.IntegerModel:
     bits = weight_bits_of([l.weight for l in layers if l.weight is not None])
     for layer in layers:
         layer.weight_bits = bits if layer.weight is not None else None
-    layers[-1].output_scale = float(init.get("output.scale", np.nan))
+    meta = {p.key: p.value for p in proto.metadata_props}
+    layers[-1].output_scale = float(init.get("output.scale", meta.get(export.OUTPUT_SCALE_KEY, np.nan)))
     dims = proto.graph.input[0].type.tensor_type.shape.dim[1:]
     return quant.IntegerModel((float(init["input.scale"]), int(init["input.qmin"]),
                                int(init["input.qmax"])), layers, tuple(d.dim_value for d in dims),
@@ -294,41 +294,20 @@ def model_from_header(path: str | Path) -> quant.IntegerModel:
 
 
 # ----------------------------------------------------------------------------- integer models
-def ptq_integer_model(net: nn.Module, calib_x: torch.Tensor, bits: int,
-                      output: str = "float") -> quant.IntegerModel:
-    """PTQ: calibrate the TI wrapper on ``calib_x`` and convert (float output: posteriors need it)."""
-    wrapper = quant.TINPUTinyMLPTQFxModule(net, total_epochs=1, qconfig_type=quant.qconfig_for(bits))
-    wrapper.eval()
-    with torch.no_grad():
-        for batch in calib_x.split(100):
-            wrapper(batch)
-    return wrapper.convert(output=output)
-
-
-def calibration_inputs(val_x: torch.Tensor, n: int | None = None, seed: int = config.SEED) -> torch.Tensor:
-    """A seeded random subset of ``n`` validation inputs (profile.calib_clips by default)."""
-    n = min(n or config.profile().calib_clips, len(val_x))
-    return val_x[torch.randperm(len(val_x), generator=torch.Generator().manual_seed(seed))[:n]]
-
-
 def integer_onnx_files(net: nn.Module, val_x: torch.Tensor) -> dict[int, Path]:
-    """int8/int4/int2 ONNX files: notebook 05's (QAT first) if they output float logits, else PTQ here.
-
-    Posteriors need float logits; a file whose output is int8 codes lacks the scale to form them.
-    """
+    """int8/int4/int2 integer ONNX files: notebook 05's (QAT first), else PTQ-calibrated here."""
     out = {}
     for bits in quant.WEIGHT_BITS:
-        found = [quant.variant_onnx_path(bits, method) for method in ("qat", "ptq")]
-        usable = [p for p in found if p.is_file() and load_integer_onnx(p).output == "float"]
-        if usable:
-            out[bits] = usable[0]
-            print(f"int{bits}: using {usable[0].name} from notebook 05")
+        found = [p for p in (quant.variant_onnx_path(bits, m) for m in ("qat", "ptq")) if p.is_file()]
+        if found:
+            out[bits] = found[0]
+            print(f"int{bits}: using {found[0].name} from notebook 05")
             continue
-        int_model = ptq_integer_model(net, calibration_inputs(val_x), bits)
-        out[bits] = int_model.export(val_x[:1], config.artifacts_dir() / OWN_NAME.format(bits=bits))
-        why = "outputs int8 codes without their scale" if any(p.is_file() for p in found) else "absent"
-        print(f"int{bits}: notebook 05's file {why}; PTQ-calibrated here on "
-              f"{config.profile().calib_clips} validation clips -> {out[bits].name}")
+        calib = quant.calibration_subset(val_x, config.profile().calib_clips)
+        int_model = quant.ptq(net, bits, calib).integer_model
+        out[bits] = int_model.export(val_x[:1], quant.variant_onnx_path(bits, "ptq"))
+        print(f"int{bits}: notebook 05 has not run; PTQ-calibrated here on {len(calib)} "
+              f"validation clips -> {out[bits].name}")
     return out
 
 

@@ -181,14 +181,20 @@ def _qdq_layer(g: _GraphBuilder, x: str, layer: Any) -> str:
     return _qdq(g, y, f"{n}.out", layer.output_scale, layer.qmin, layer.qmax)
 
 
+OUTPUT_SCALE_KEY = "output_scale"  # metadata: int8 output codes x this = float logits
+
+
 def _save(g: _GraphBuilder, name: str, in_name: str, input_shape: tuple, out_name: str,
-          out_type: int, n_out: int | None, filename: str | Path, opset_version: int) -> Path:
-    """Assemble, check and write the model."""
+          out_type: int, n_out: int | None, filename: str | Path, opset_version: int,
+          output_scale: float) -> Path:
+    """Assemble, check and write the model, recording the output scale as metadata."""
     graph = helper.make_graph(
         g.nodes, name, [helper.make_tensor_value_info(in_name, TensorProto.FLOAT, ["N", *input_shape])],
         [helper.make_tensor_value_info(out_name, out_type, ["N", n_out])], g.initializers)
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset_version)],
                               producer_name="kws_utils.quant")
+    # An int8-output model is only usable for posteriors with its scale; keep it in the file.
+    helper.set_model_props(proto, {OUTPUT_SCALE_KEY: repr(float(output_scale))})
     onnx.checker.check_model(proto, full_check=True)
     path = Path(filename)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -212,7 +218,7 @@ def export_qdq_onnx(int_model: Any, filename: str | Path, input_names: list[str]
         x = _qdq_layer(g, x, layer)
     g.node("Identity", [x], out_name)
     return _save(g, "tinpu_qdq_model", in_name, int_model.input_shape, out_name, TensorProto.FLOAT,
-                 _n_out(int_model), filename, opset_version)
+                 _n_out(int_model), filename, opset_version, 1.0)
 
 
 def export_integer_onnx(int_model: Any, filename: str | Path, input_names: list[str] | None = None,
@@ -234,4 +240,5 @@ def export_integer_onnx(int_model: Any, filename: str | Path, input_names: list[
         out_type = _ONNX_INT[output_int_dtype(int_model.layers[-1])]
         g.node("Cast", [x], out_name, to=out_type)
     return _save(g, "tinpu_integer_model", in_name, int_model.input_shape, out_name, out_type,
-                 _n_out(int_model), filename, opset_version)
+                 _n_out(int_model), filename, opset_version,
+                 1.0 if int_model.output == "float" else int_model.output_scale)

@@ -23,7 +23,7 @@ import torch
 from scipy.signal import resample_poly
 from tqdm.auto import tqdm
 
-from kws_utils import config, data, features, plots
+from kws_utils import config, data, export, features, plots
 
 FRAME_MS = 1000 * config.FRAME_STEP // config.SAMPLE_RATE          # 20 ms
 WINDOW_BLOCKS = config.CLIP_SAMPLES // config.FRAME_STEP             # 50 blocks of 20 ms per 1 s
@@ -143,13 +143,15 @@ def onnx_session(path: str) -> ort.InferenceSession:
 
 
 def logits_of(session: ort.InferenceSession, x: np.ndarray) -> np.ndarray:
-    """Float logits of a batch (N, 1, 49, 10); refuses integer-coded outputs it cannot scale."""
+    """Float logits of a batch (N, 1, 49, 10); int8 output codes are scaled by the file's scale."""
     out = session.run(None, {session.get_inputs()[0].name: x})[0]
-    if not np.issubdtype(out.dtype, np.floating):
-        raise ValueError("the ONNX model outputs integer logit codes without their scale, so no "
-                         "posteriors can be formed; export it with output='float' "
-                         "(int_model.output = 'float' before export).")
-    return out
+    if np.issubdtype(out.dtype, np.floating):
+        return out
+    scale = session.get_modelmeta().custom_metadata_map.get(export.OUTPUT_SCALE_KEY)
+    if scale is None:
+        raise ValueError("the ONNX model outputs integer logit codes and records no output scale, "
+                         "so no posteriors can be formed; export it with kws_utils (quant) again.")
+    return out.astype(np.float32) * np.float32(scale)
 
 
 def run_stream(onnx_path: str, audio: np.ndarray, sample_rate: int = config.SAMPLE_RATE,

@@ -25,7 +25,7 @@ def calibrated(tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("deploy_models")
     out = {"net": net, "x": x[100:], "tmp": tmp}
     for bits in BITS:
-        int_model = deploy.ptq_integer_model(net, x[:100], bits)
+        int_model = quant.ptq(net, bits, x[:100]).convert(output="float")
         out[bits] = (int_model, int_model.export(x[:1], tmp / f"int{bits}.onnx"))
     return out
 
@@ -114,7 +114,7 @@ needs_mlperf = pytest.mark.skipif(not (config.mlperf_dir() / "kws01").is_dir()
 @needs_mlperf
 def test_numpy_reference_bit_exact_on_real_mlperf_inputs(tmp_path: Path) -> None:
     x, y, _ = data.load_kws01()
-    int_model = deploy.ptq_integer_model(model.reference_model(), x[:200], 8)
+    int_model = quant.ptq(model.reference_model(), 8, x[:200]).convert(output="float")
     path = int_model.export(x[:1], tmp_path / "ref_int8.onnx")
     got, want = deploy.numpy_reference(path, x[200:600]), export.onnx_predict(path, x[200:600])
     assert np.array_equal(got, want)

@@ -5,12 +5,13 @@ from pathlib import Path
 
 import matplotlib
 import numpy as np
+import onnx
 import pytest
 import torch
 
 matplotlib.use("Agg")
 
-from kws_utils import config, deploy, features, model, streaming  # noqa: E402
+from kws_utils import config, deploy, features, model, quant, streaming  # noqa: E402
 from test_data import make_test_dir, make_train_dir  # noqa: E402  (the miniature dataset)
 
 RATE = config.SAMPLE_RATE
@@ -138,7 +139,7 @@ def onnx_files(tmp_path_factory) -> dict[str, Path]:
     net = model.DSCNN().eval()
     calib = torch.stack(list(streaming.stream_features(_recording(3.0, seed=3), 100)))[:, None]
     tmp = tmp_path_factory.mktemp("stream_models")
-    return {out: deploy.ptq_integer_model(net, calib, 8, output=out).export(
+    return {out: quant.ptq(net, 8, calib).convert(output=out).export(
         calib[:1], tmp / f"int8_{out}.onnx") for out in ("float", "int8")}
 
 
@@ -152,9 +153,16 @@ def test_run_stream_gives_posteriors_per_hop(onnx_files: dict[str, Path]) -> Non
     assert result.duration_s == pytest.approx(3.0)
 
 
-def test_integer_coded_output_is_refused_with_advice(onnx_files: dict[str, Path]) -> None:
-    with pytest.raises(ValueError, match="output='float'"):
-        streaming.run_stream(onnx_files["int8"], _recording(1.2), progress=False)
+def test_int8_output_is_scaled_by_the_recorded_scale(onnx_files: dict[str, Path], tmp_path: Path) -> None:
+    audio = _recording(1.6)
+    as_float = streaming.run_stream(onnx_files["float"], audio, progress=False)
+    as_int8 = streaming.run_stream(onnx_files["int8"], audio, progress=False)
+    assert np.array_equal(as_float.posteriors, as_int8.posteriors)
+    proto = onnx.load(str(onnx_files["int8"]))
+    del proto.metadata_props[:]
+    onnx.save(proto, str(tmp_path / "no_scale.onnx"))
+    with pytest.raises(ValueError, match="no output scale"):
+        streaming.run_stream(tmp_path / "no_scale.onnx", audio, progress=False)
 
 
 def test_timeline_plot_checks_inputs_before_drawing(onnx_files: dict[str, Path]) -> None:
