@@ -123,3 +123,35 @@ def mfcc_grid(mfccs: dict[str, np.ndarray | torch.Tensor], source: str, title: s
     fig.colorbar(im, ax=axes[0].tolist(), label="MFCC value")
     fig.suptitle(f"{title} ({source_tag(source)})", fontsize=10)
     return fig
+
+
+def accuracy_vs_weight_bytes(points: Sequence[tuple[str, float, float]], source: str,
+                             title: str = "Accuracy against weight memory") -> plt.Figure:
+    """Accuracy (%) against packed weight bytes (log scale); points labelled '<format> <method>'.
+
+    Points sharing a method (the label's last word, e.g. 'PTQ', 'QAT') are joined by a line; a
+    label of one word (e.g. 'float32') is drawn as a star with a dashed reference line.
+    """
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    groups: dict[str, list[tuple[float, float]]] = {}
+    ticks: dict[float, str] = {}
+    for label, n_bytes, acc in points:
+        fmt, _, method = label.partition(" ")
+        ticks[n_bytes / 1024] = f"{fmt}\n{n_bytes / 1024:.1f} KiB"
+        groups.setdefault(method or fmt, []).append((n_bytes / 1024, acc * 100))
+    for name, xy in groups.items():
+        xs, ys = zip(*sorted(xy))
+        if len(xy) == 1 and name not in ("PTQ", "QAT"):
+            ax.axhline(ys[0], color="grey", ls="--", lw=1)
+            ax.plot(xs, ys, "*", ms=14, label=name)
+        else:
+            ax.plot(xs, ys, "o-" if name == "QAT" else "s--", label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(list(ticks), list(ticks.values()))
+    ax.minorticks_off()
+    ax.set(title=f"{title}\n{source_tag(source)}", xlabel="packed weight memory (KiB, log scale)",
+           ylabel="test accuracy (%)", ylim=(0, 105))
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
