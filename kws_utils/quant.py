@@ -762,12 +762,31 @@ def qat(model: nn.Module, bits: int, feats: Any, epochs: int, lr: float, batch_s
     from kws_utils import training
     wrapper = TINPUTinyMLQATFxModule(model, total_epochs=epochs, qconfig_type=qconfig_for(bits),
                                      example_inputs=torch.zeros(1, *config.INPUT_SHAPE))
+    stable_conv_bn(wrapper)
     # channels_last=False: the per-channel fake quantizers run faster in the default layout
     history = training.fit(wrapper, feats.train_views, feats.train_y, feats.val_x, feats.val_y,
                            epochs=epochs, lr=lr, batch_size=batch_size,
                            generator=training.set_seed(seed), channels_last=False)
+    if not all(torch.isfinite(p).all() for p in wrapper.parameters()):
+        raise FloatingPointError(f"int{bits} QAT diverged (NaN/inf weights) at lr {lr}: "
+                                 "lower the QAT learning rate.")
     wrapper.convert()
     return wrapper, history
+
+
+def stable_conv_bn(wrapper: TINPUTinyMLQuantFxModule) -> TINPUTinyMLQuantFxModule:
+    """Use torch.ao's ConvBn QAT path that never divides by the BatchNorm weight.
+
+    The default (approximate) path computes ``conv / (gamma / std)``: when a channel's gamma nears
+    zero (seen with 2-bit weights once BatchNorm is frozen) that overflows and the weights turn
+    NaN. The stable path computes the same folded ``conv(x, fq(W * gamma / std)) + folded bias``
+    with frozen BatchNorm (so ``convert()`` is unchanged) and needs a second convolution only
+    while BatchNorm statistics still update.
+    """
+    for m in wrapper.modules():
+        if hasattr(m, "_enable_slow_path_for_better_numerical_stability"):
+            m._enable_slow_path_for_better_numerical_stability = True
+    return wrapper
 
 
 @torch.no_grad()
