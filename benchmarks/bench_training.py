@@ -56,7 +56,7 @@ def loader_only(x: torch.Tensor, y: torch.Tensor) -> float:
     return len(x) / (time.perf_counter() - start)
 
 
-def run(repeats: int = 3) -> dict:
+def run(repeats: int = 5) -> dict:
     """Best-of-``repeats`` throughput of each loop, run alternately so they share machine load."""
     x, y = cached_like_features()
     course_epoch(x[:1000], y[:1000])  # warm up oneDNN kernels for both layouts

@@ -116,7 +116,8 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
 def make_optimizer(model: nn.Module, lr: float, epochs: int, steps_per_epoch: int
                    ) -> tuple[torch.optim.SGD, torch.optim.lr_scheduler.CosineAnnealingLR]:
     """SGD with momentum and a per-step cosine-annealed learning rate over all epochs."""
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
+    # foreach: one multi-tensor update for all 30 parameter tensors instead of 30 small ones.
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4, foreach=True)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps_per_epoch)
     return optimizer, scheduler
 
