@@ -39,6 +39,7 @@ import copy
 import importlib
 import math
 import sys
+import time
 import warnings
 from dataclasses import dataclass
 from functools import partial
@@ -58,8 +59,9 @@ from torch.ao.quantization import quantize_fx
 from torch.ao.quantization.backend_config import (BackendPatternConfig, DTypeConfig,
                                                   ObservationType, get_native_backend_config)
 from torch.fx.passes.shape_prop import ShapeProp
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from kws_utils import config, model as kws_model
+from kws_utils import config, export as kws_export, model as kws_model, training
 
 WEIGHT_BITS = (8, 4, 2)
 MULT_BITS = 8          # the NPU's requantization multiplier is an 8-bit unsigned integer
@@ -374,7 +376,6 @@ class TINPUTinyMLQuantFxModule(nn.Module):
                model_qconfig_format: str = TinyMLModelQConfigFormat.TINPU_INT_MODEL,
                opset_version: int = 17, **_: Any) -> Path:
         """Write the converted integer model (default) or its QDQ (fake-quant) form as ONNX."""
-        from kws_utils import export as kws_export
         if model_qconfig_format not in (TinyMLModelQConfigFormat.TINPU_INT_MODEL,
                                         TinyMLModelQConfigFormat.INT_MODEL,
                                         TinyMLModelQConfigFormat.QDQ_MODEL):
@@ -633,7 +634,6 @@ class IntegerModel(nn.Module):
                input_names: list[str] | None = None, output_names: list[str] | None = None,
                opset_version: int = 17, **_: Any) -> Path:
         """Write this integer model as an ONNX graph of standard operators."""
-        from kws_utils import export as kws_export
         self.quantize_input(example_input)  # shape check with the clear message
         return kws_export.export_integer_onnx(self, filename, input_names=input_names,
                                               output_names=output_names,
@@ -697,7 +697,6 @@ def variant_onnx_path(bits: int, method: str) -> Path:
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:
     """An eval-mode copy with each BatchNorm2d folded into the Conv2d registered just before it."""
-    from torch.nn.utils.fusion import fuse_conv_bn_eval
     folded = copy.deepcopy(model).eval()
     parents = [m for m in folded.modules() if len(list(m.children()))]
     for parent in parents:
@@ -759,7 +758,6 @@ def ptq(model: nn.Module, bits: int, calib_x: torch.Tensor, batch_size: int = 10
 def qat(model: nn.Module, bits: int, feats: Any, epochs: int, lr: float, batch_size: int,
         seed: int = config.SEED) -> tuple[TINPUTinyMLQATFxModule, Any]:
     """Fine-tune a QAT wrapper with the float recipe (``training.fit``), convert; (wrapper, history)."""
-    from kws_utils import training
     wrapper = TINPUTinyMLQATFxModule(model, total_epochs=epochs, qconfig_type=qconfig_for(bits),
                                      example_inputs=torch.zeros(1, *config.INPUT_SHAPE))
     stable_conv_bn(wrapper)
@@ -800,7 +798,6 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
 def onnx_check(int_model: IntegerModel, path: str | Path, x: torch.Tensor,
                y: torch.Tensor) -> tuple[float, bool]:
     """(accuracy of the ONNX file under onnxruntime, outputs identical to ``int_model``'s)."""
-    from kws_utils import export as kws_export
     onnx_out = kws_export.onnx_predict(path, x)
     with torch.no_grad():
         torch_out = torch.cat([int_model(x[i:i + 500]) for i in range(0, len(x), 500)]).numpy()
@@ -833,7 +830,6 @@ class VariantResult:
 def quantize_variant(model: nn.Module, feats: Any, bits: int, method: str,
                      prof: config.Profile | None = None) -> VariantResult:
     """PTQ (seeded validation subset) or QAT (fit at qat_lr), convert, export, check on the test set."""
-    import time
     prof = prof or config.profile()
     start = time.perf_counter()
     if method == "ptq":
