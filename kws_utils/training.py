@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import random
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -82,23 +83,58 @@ def _fast_layout(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
+class RandDropout(nn.Module):
+    """Dropout with its keep-mask drawn by torch.rand: the same Bernoulli(1 - p) mask and 1/(1 - p) scale."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Zero each element with probability p and rescale the rest (identity in eval mode)."""
+        if not self.training or self.p == 0:
+            return x
+        # On CPU, bernoulli_ draws one Mersenne-Twister number per element through a slow scalar
+        # path; uniform_ (torch.rand) is vectorised and about 2.4x faster, and dropout was a
+        # third of each DS-CNN training step.
+        keep = (torch.rand_like(x) >= self.p).to(x.dtype)
+        return x * keep.mul_(1 / (1 - self.p))
+
+
+@contextmanager
+def faster_dropout(model: nn.Module) -> Iterator[nn.Module]:
+    """Temporarily swap every nn.Dropout in ``model`` for RandDropout, restoring them on exit."""
+    swapped = []
+    for parent in model.modules():
+        for name, child in parent.named_children():
+            if type(child) is nn.Dropout:
+                setattr(parent, name, RandDropout(child.p))
+                swapped.append((parent, name, child))
+    try:
+        yield model
+    finally:
+        for parent, name, child in swapped:
+            setattr(parent, name, child)
+
+
 def train_epoch(model: nn.Module, batches: Batches, optimizer: torch.optim.Optimizer,
                 loss_fn: nn.Module, scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
                 channels_last: bool = True, desc: str = "train") -> tuple[float, float]:
     """One pass of SGD over ``batches`` (scheduler stepped per batch); returns loss and accuracy."""
     model.train()
     total_loss, correct, seen = 0.0, 0, 0
-    for x, y in tqdm(batches, desc=desc, leave=False):
-        optimizer.zero_grad(set_to_none=True)
-        logits = model(_fast_layout(x, channels_last))
-        loss = loss_fn(logits, y)
-        loss.backward()
-        optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
-        total_loss += loss.item() * len(y)
-        correct += (logits.argmax(1) == y).sum().item()
-        seen += len(y)
+    with faster_dropout(model):
+        for x, y in tqdm(batches, desc=desc, leave=False):
+            optimizer.zero_grad(set_to_none=True)
+            logits = model(_fast_layout(x, channels_last))
+            loss = loss_fn(logits, y)
+            loss.backward()
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            total_loss += loss.item() * len(y)
+            correct += (logits.argmax(1) == y).sum().item()
+            seen += len(y)
     return total_loss / seen, correct / seen
 
 

@@ -40,6 +40,35 @@ def test_mismatched_lengths_are_refused() -> None:
         training.Batches(torch.zeros(3), torch.zeros(4), 2)
 
 
+def test_rand_dropout_keeps_one_minus_p_and_rescales() -> None:
+    torch.manual_seed(0)
+    drop = training.RandDropout(0.4).train()
+    out = drop(torch.ones(200_000))
+    kept = out != 0
+    assert abs(kept.float().mean().item() - 0.6) < 0.005
+    assert torch.allclose(out[kept], torch.full_like(out[kept], 1 / 0.6))
+    x = torch.randn(10)
+    assert torch.equal(drop.eval()(x), x)
+
+
+def test_rand_dropout_gradient_flows_through_kept_elements_only() -> None:
+    torch.manual_seed(1)
+    x = torch.ones(1000, requires_grad=True)
+    out = training.RandDropout(0.2).train()(x)
+    out.sum().backward()
+    assert torch.equal(x.grad, out.detach())
+
+
+def test_faster_dropout_swaps_and_restores_every_dropout() -> None:
+    net = model.DSCNN()
+    originals = [m for m in net.modules() if isinstance(m, torch.nn.Dropout)]
+    with training.faster_dropout(net):
+        swapped = [m for m in net.modules() if isinstance(m, training.RandDropout)]
+        assert [m.p for m in swapped] == [m.p for m in originals] == [0.2, 0.4]
+        assert not any(isinstance(m, torch.nn.Dropout) for m in net.modules())
+    assert [m for m in net.modules() if isinstance(m, torch.nn.Dropout)] == originals
+
+
 def test_fit_learns_and_anneals_the_learning_rate() -> None:
     x, y = toy_problem()
     net = model.DSCNN()
