@@ -204,6 +204,23 @@ def test_qat_schedule_freezes_bn_then_observers() -> None:
     assert seen == [(False, False), (True, False), (True, False), (True, True)]
 
 
+@pytest.mark.parametrize("bn_at, obs_at, expected", [
+    (0, None, [(True, False), (True, False), (True, False), (True, True)]),
+    (False, False, [(False, False)] * 4),
+    (2, 1, [(False, False), (False, True), (True, True), (True, True)]),
+])
+def test_qat_schedule_takes_explicit_epochs(bn_at, obs_at, expected) -> None:
+    wrapper = quant.TINPUTinyMLQATFxModule(model.DSCNN(), total_epochs=4,
+                                           num_batch_norm_update_epochs=bn_at,
+                                           num_observer_update_epochs=obs_at)
+    seen = []
+    for _ in range(4):
+        wrapper.train()
+        seen.append(_frozen(wrapper))
+        wrapper.eval()
+    assert seen == expected
+
+
 def test_qat_step_trains_and_converts() -> None:
     torch.manual_seed(0)
     wrapper = quant.TINPUTinyMLQATFxModule(model.DSCNN(), total_epochs=1,
