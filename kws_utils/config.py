@@ -78,6 +78,11 @@ PROFILES = {
 }
 
 
+# QAT fine-tunes a trained float model whose BatchNorm statistics already fit, so the course freezes
+# them from the first QAT epoch (num_batch_norm_update_epochs=0). TI's default updates them for
+# total_epochs // 2 - 1 epochs first; with 2-bit weights that made QAT diverge (notebook 05).
+QAT_BN_UPDATE_EPOCHS = 0
+
 def profile() -> Profile:
     """The active profile, from KWS_PROFILE (``default`` or ``ci``)."""
     name = os.environ.get("KWS_PROFILE", "default")

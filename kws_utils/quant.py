@@ -406,9 +406,15 @@ class TINPUTinyMLPTQFxModule(TINPUTinyMLQuantFxModule):
 
 
 def _check_calibrated(module: nn.Module) -> None:
-    """Raise unless every fake quantizer has seen data (min/max no longer infinite)."""
-    unseen = [name for name, fq in module.named_modules() if isinstance(fq, FakeQuantize)
-              and not torch.isfinite(fq.activation_post_process.min_val).all()]
+    """Raise unless every fake quantizer has seen data and holds a finite range."""
+    ranges = {name: fq.activation_post_process.min_val for name, fq in module.named_modules()
+              if isinstance(fq, FakeQuantize)}
+    broken = [name for name, v in ranges.items() if torch.isnan(v).any()]
+    if broken:
+        raise FloatingPointError(f"{len(broken)} quantizers ({broken[0]}, ...) hold NaN ranges: "
+                                 "training diverged. Lower the QAT learning rate and start again "
+                                 "from the float model.")
+    unseen = [name for name, v in ranges.items() if not torch.isfinite(v).all()]
     if unseen:
         raise RuntimeError(f"convert() before calibration: {len(unseen)} quantizers ({unseen[0]}, ...) "
                            "have seen no data. For PTQ call qmodel.eval() and run forward passes "
@@ -749,9 +755,9 @@ def calibrate(wrapper: TINPUTinyMLQuantFxModule, x: torch.Tensor,
 def ptq(model: nn.Module, bits: int, calib_x: torch.Tensor, batch_size: int = 100,
         qconfig_type: dict | None = None) -> TINPUTinyMLPTQFxModule:
     """Wrap for PTQ at ``bits`` (or an explicit qconfig_type), calibrate on ``calib_x``, convert."""
-    wrapper = TINPUTinyMLPTQFxModule(model, total_epochs=1,
-                                     qconfig_type=qconfig_type or qconfig_for(bits),
-                                     example_inputs=torch.zeros(1, *config.INPUT_SHAPE))
+    wrapper = quant_backend().TINPUTinyMLPTQFxModule(
+        model, total_epochs=1, qconfig_type=qconfig_type or qconfig_for(bits),
+        example_inputs=torch.zeros(1, *config.INPUT_SHAPE))
     calibrate(wrapper, calib_x, batch_size)
     wrapper.convert()   # freezes the observers: later evaluations cannot move the ranges
     return wrapper
@@ -760,8 +766,10 @@ def ptq(model: nn.Module, bits: int, calib_x: torch.Tensor, batch_size: int = 10
 def qat(model: nn.Module, bits: int, feats: Any, epochs: int, lr: float, batch_size: int,
         seed: int = config.SEED) -> tuple[TINPUTinyMLQATFxModule, Any]:
     """Fine-tune a QAT wrapper with the float recipe (``training.fit``), convert; (wrapper, history)."""
-    wrapper = TINPUTinyMLQATFxModule(model, total_epochs=epochs, qconfig_type=qconfig_for(bits),
-                                     example_inputs=torch.zeros(1, *config.INPUT_SHAPE))
+    wrapper = quant_backend().TINPUTinyMLQATFxModule(
+        model, total_epochs=epochs, qconfig_type=qconfig_for(bits),
+        example_inputs=torch.zeros(1, *config.INPUT_SHAPE),
+        num_batch_norm_update_epochs=config.QAT_BN_UPDATE_EPOCHS)
     stable_conv_bn(wrapper)
     # channels_last=False: the per-channel fake quantizers run faster in the default layout
     history = training.fit(wrapper, feats.train_views, feats.train_y, feats.val_x, feats.val_y,

@@ -142,6 +142,14 @@ def test_convert_before_calibration_raises() -> None:
         wrapper.convert()
 
 
+def test_convert_after_diverged_training_says_so() -> None:
+    wrapper = quant.TINPUTinyMLPTQFxModule(model.DSCNN(), total_epochs=1)
+    quant.calibrate(wrapper, torch.randn(8, *config.INPUT_SHAPE))
+    wrapper.module.conv1.weight_fake_quant.activation_post_process.min_val.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="diverged"):
+        wrapper.convert()
+
+
 def test_export_before_convert_raises(tmp_path) -> None:
     wrapper = quant.TINPUTinyMLPTQFxModule(model.DSCNN(), total_epochs=1)
     with pytest.raises(RuntimeError, match=r"convert\(\) first"):
