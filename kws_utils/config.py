@@ -64,24 +64,19 @@ class Profile:
     lr: float                    # SGD initial learning rate (cosine-annealed to 0)
     aug_views: int               # cached augmented copies of the training set, cycled per epoch
     qat_epochs: int              # QAT fine-tuning epochs per variant
-    qat_lr: float
+    qat_lr: float                # QAT initial learning rate; 0.005 made 2-bit QAT collapse
     calib_clips: int             # PTQ calibration clips from the validation set
 
 
 PROFILES = {
     "default": Profile("default", synth_speakers=600, synth_test_per_class=408, epochs=10,
-                       batch_size=100, lr=0.05, aug_views=4, qat_epochs=4, qat_lr=0.005,
+                       batch_size=100, lr=0.05, aug_views=4, qat_epochs=4, qat_lr=0.002,
                        calib_clips=1000),
     "ci": Profile("ci", synth_speakers=60, synth_test_per_class=40, epochs=8,
-                  batch_size=100, lr=0.05, aug_views=2, qat_epochs=2, qat_lr=0.005,
+                  batch_size=100, lr=0.05, aug_views=2, qat_epochs=2, qat_lr=0.002,
                   calib_clips=200),
 }
 
-
-# QAT fine-tunes a trained float model whose BatchNorm statistics already fit, so the course freezes
-# them from the first QAT epoch (num_batch_norm_update_epochs=0). TI's default updates them for
-# total_epochs // 2 - 1 epochs first; with 2-bit weights that made QAT diverge (notebook 05).
-QAT_BN_UPDATE_EPOCHS = 0
 
 def profile() -> Profile:
     """The active profile, from KWS_PROFILE (``default`` or ``ci``)."""

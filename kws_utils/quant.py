@@ -768,8 +768,7 @@ def qat(model: nn.Module, bits: int, feats: Any, epochs: int, lr: float, batch_s
     """Fine-tune a QAT wrapper with the float recipe (``training.fit``), convert; (wrapper, history)."""
     wrapper = quant_backend().TINPUTinyMLQATFxModule(
         model, total_epochs=epochs, qconfig_type=qconfig_for(bits),
-        example_inputs=torch.zeros(1, *config.INPUT_SHAPE),
-        num_batch_norm_update_epochs=config.QAT_BN_UPDATE_EPOCHS)
+        example_inputs=torch.zeros(1, *config.INPUT_SHAPE))
     stable_conv_bn(wrapper)
     # channels_last=False: the per-channel fake quantizers run faster in the default layout
     history = training.fit(wrapper, feats.train_views, feats.train_y, feats.val_x, feats.val_y,
