@@ -406,14 +406,15 @@ class TINPUTinyMLPTQFxModule(TINPUTinyMLQuantFxModule):
 
 
 def _check_calibrated(module: nn.Module) -> None:
-    """Raise unless every fake quantizer has seen data and holds a finite range."""
+    """Raise unless training stayed finite and every fake quantizer has seen data."""
     ranges = {name: fq.activation_post_process.min_val for name, fq in module.named_modules()
               if isinstance(fq, FakeQuantize)}
     broken = [name for name, v in ranges.items() if torch.isnan(v).any()]
+    broken += [name for name, w in module.named_parameters() if not torch.isfinite(w).all()]
     if broken:
-        raise FloatingPointError(f"{len(broken)} quantizers ({broken[0]}, ...) hold NaN ranges: "
-                                 "training diverged. Lower the QAT learning rate and start again "
-                                 "from the float model.")
+        raise FloatingPointError(f"training diverged: {len(broken)} quantizer ranges or weights "
+                                 f"({broken[0]}, ...) are NaN/inf. Lower the QAT learning rate and "
+                                 "start again from the float model.")
     unseen = [name for name, v in ranges.items() if not torch.isfinite(v).all()]
     if unseen:
         raise RuntimeError(f"convert() before calibration: {len(unseen)} quantizers ({unseen[0]}, ...) "
@@ -774,10 +775,7 @@ def qat(model: nn.Module, bits: int, feats: Any, epochs: int, lr: float, batch_s
     history = training.fit(wrapper, feats.train_views, feats.train_y, feats.val_x, feats.val_y,
                            epochs=epochs, lr=lr, batch_size=batch_size,
                            generator=training.set_seed(seed), channels_last=False)
-    if not all(torch.isfinite(p).all() for p in wrapper.parameters()):
-        raise FloatingPointError(f"int{bits} QAT diverged (NaN/inf weights) at lr {lr}: "
-                                 "lower the QAT learning rate.")
-    wrapper.convert()
+    wrapper.convert()   # raises FloatingPointError if the fine-tuning diverged
     return wrapper, history
 
 
