@@ -131,9 +131,67 @@ def artifacts_dir() -> Path:
     return path
 
 
+# Public sources of the MLPerf Tiny artifacts, at pinned commits (files byte-identical to the
+# copies the course's SHA-256 manifest, kws_utils/mlperf_manifest.json, describes).
+MLPERF_KWS01_URL = ("https://raw.githubusercontent.com/eembc/energyrunner/"
+                    "cf7c2f2634608a7c0ea7458ab7cb3379f2863424/datasets/kws01")
+MLPERF_CHECKPOINT_URL = (
+    "https://raw.githubusercontent.com/TexasInstruments/tinyml-tensorlab/"
+    "ca0ef4793f56158d5e768ef58cd2dfda9f56499b/tinyml-modeloptimization/torchmodelopt/examples/"
+    "audio_keyword_spotting/trained_models/kws_dscnn_pb2pth_checkpoint.pth")
+
+
+def mlperf_local_dirs() -> list[Path]:
+    """Folders that may hold a local copy of the MLPerf artifacts, in the order they are tried."""
+    dirs = [Path(os.environ["KWS_MLPERF_DIR"])] if os.environ.get("KWS_MLPERF_DIR") else []
+    return dirs + [REPO_ROOT.parent / "shared" / "mlperf"]
+
+
+def mlperf_download_dir() -> Path:
+    """Where the MLPerf artifacts are downloaded to when there is no local copy."""
+    return data_root() / "mlperf"
+
+
 def mlperf_dir() -> Path:
-    """The real MLPerf Tiny artifacts (kws01 inputs, reference weights), if present."""
-    return Path(os.environ.get("KWS_MLPERF_DIR", REPO_ROOT.parent / "shared" / "mlperf"))
+    """The first local copy of the MLPerf artifacts that exists, else the download folder."""
+    return next((d for d in mlperf_local_dirs() if d.is_dir()), mlperf_download_dir())
+
+
+def mlperf_kws01_url() -> str:
+    """Base URL of the folder with y_labels.csv and the kws01 .bin files (KWS_MLPERF_KWS01_URL)."""
+    return os.environ.get("KWS_MLPERF_KWS01_URL", MLPERF_KWS01_URL).rstrip("/")
+
+
+def mlperf_checkpoint_url() -> str:
+    """URL of the MLPerf reference DS-CNN checkpoint (KWS_MLPERF_CHECKPOINT_URL overrides)."""
+    return os.environ.get("KWS_MLPERF_CHECKPOINT_URL", MLPERF_CHECKPOINT_URL)
+
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+def device_choice() -> str:
+    """The compute device asked for by KWS_DEVICE: ``auto`` (default), ``cpu``, ``cuda`` or ``mps``."""
+    choice = os.environ.get("KWS_DEVICE", "auto").strip().lower()
+    if choice not in DEVICES:
+        raise ValueError(f"KWS_DEVICE={choice!r} is not a device; use one of {DEVICES}.")
+    return choice
+
+
+def device() -> "torch.device":
+    """Where float training, QAT, calibration and evaluation run (``auto``: CUDA, MPS, then CPU)."""
+    import torch   # here, so reading the other settings does not need torch
+
+    choice = device_choice()
+    mps = getattr(torch.backends, "mps", None)
+    available = {"cpu": True, "cuda": torch.cuda.is_available(),
+                 "mps": bool(mps and mps.is_available())}
+    if choice == "auto":
+        return torch.device(next(d for d in ("cuda", "mps", "cpu") if available[d]))
+    if not available[choice]:
+        raise RuntimeError(f"KWS_DEVICE={choice!r}, but PyTorch sees no {choice} device on this "
+                           f"machine (torch {torch.__version__}). Use KWS_DEVICE=auto or cpu.")
+    return torch.device(choice)
 
 
 def quant_backend_choice() -> str:

@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.data import Sampler
 from tqdm.auto import tqdm
 
-from kws_utils import config, data, features
+from kws_utils import config, data, features, mlperf
 from kws_utils.model import DSCNN, load_checkpoint
 
 
@@ -285,9 +285,11 @@ def float_model(feats: FeatureSets) -> nn.Module:
 
 
 def kws01_scores(models: dict[str, nn.Module]) -> dict[str, float] | None:
-    """Accuracy of each model on the real MLPerf kws01 inputs, or None when they are absent."""
-    folder = config.mlperf_dir() / "kws01"
-    if not folder.is_dir():
+    """Accuracy of each model on the real MLPerf kws01 inputs, or None when they are unavailable."""
+    try:
+        folder = mlperf.kws01_dir()
+    except data.DownloadError as err:
+        print(f"SKIPPED (real MLPerf kws01 inputs unavailable): {err}")
         return None
     x, y, _ = data.load_kws01(folder)
     return {name: evaluate(m, x, y).accuracy for name, m in models.items()}
