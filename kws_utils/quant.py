@@ -748,8 +748,9 @@ def calibrate(wrapper: TINPUTinyMLQuantFxModule, x: torch.Tensor,
               batch_size: int = 100) -> TINPUTinyMLQuantFxModule:
     """PTQ calibration: eval mode, forward passes over ``x`` so the observers record ranges."""
     wrapper.eval()
-    for i in range(0, len(x), batch_size):
-        wrapper(x[i:i + batch_size])
+    with training.on_device(wrapper) as device:
+        for i in range(0, len(x), batch_size):
+            wrapper(x[i:i + batch_size].to(device))
     return wrapper
 
 

@@ -117,14 +117,38 @@ def faster_dropout(model: nn.Module) -> Iterator[nn.Module]:
             setattr(parent, name, child)
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter or buffer (CPU for a model with neither)."""
+    tensor = next(model.parameters(), None)
+    tensor = tensor if tensor is not None else next(model.buffers(), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
+
+
+@contextmanager
+def on_device(model: nn.Module, device: torch.device | None = None) -> Iterator[torch.device]:
+    """Run a block with ``model`` on ``device`` (default: config.device()), then move it back."""
+    # Moving back keeps every caller's contract: models are on the CPU between stages, where
+    # integer conversion, ONNX export and the NumPy reference run.
+    device = device or config.device()
+    home = model_device(model)
+    model.to(device)
+    try:
+        yield device
+    finally:
+        model.to(home)
+
+
 def train_epoch(model: nn.Module, batches: Batches, optimizer: torch.optim.Optimizer,
                 loss_fn: nn.Module, scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
                 channels_last: bool = True, desc: str = "train") -> tuple[float, float]:
     """One pass of SGD over ``batches`` (scheduler stepped per batch); returns loss and accuracy."""
     model.train()
     total_loss, correct, seen = 0.0, 0, 0
-    with faster_dropout(model):
+    # The optimizer holds the parameter tensors themselves, so .to() keeps it valid on any device;
+    # the loss moves too, as a class-weighted loss carries its weights as a tensor.
+    with on_device(model) as device, on_device(loss_fn, device), faster_dropout(model):
         for x, y in tqdm(batches, desc=desc, leave=False):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             optimizer.zero_grad(set_to_none=True)
             logits = model(_fast_layout(x, channels_last))
             loss = loss_fn(logits, y)
@@ -143,7 +167,8 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
              loss_fn: nn.Module | None = None) -> EvalResult:
     """Evaluate ``model`` in eval mode on features ``x`` with labels ``y``."""
     model.eval()
-    logits = torch.cat([model(xb) for xb, _ in Batches(x, y, batch_size)])
+    with on_device(model) as device:
+        logits = torch.cat([model(xb.to(device)).cpu() for xb, _ in Batches(x, y, batch_size)])
     loss = (loss_fn or nn.CrossEntropyLoss())(logits, y).item()
     preds = logits.argmax(1)
     return EvalResult(loss, (preds == y).float().mean().item(), preds, y, logits)
