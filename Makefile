@@ -10,6 +10,9 @@ NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 
 .PHONY: setup course test lab notebooks benchmarks clean
 
+# Headless runs print Netron's command instead of starting its server (`make lab` embeds it).
+course test notebooks: export KWS_NETRON ?= print
+
 setup: $(STAMP)
 
 $(STAMP): requirements.txt pyproject.toml

@@ -10,6 +10,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# A plain (non-editable) pip install, as in Colab, has no repository around the package: data and
+# outputs then go under the working folder rather than into site-packages.
+WORK_ROOT = REPO_ROOT if (REPO_ROOT / "pyproject.toml").is_file() else Path.cwd()
+# The course's public repository: the Colab badges and the notebooks' set-up cell install from it.
+COURSE_REPO_URL = "https://github.com/OWNER/kws-course"
+COURSE_BRANCH = "main"
 
 # MLPerf Tiny KWS label order (the reference model's output index is the position here).
 LABELS: tuple[str, ...] = (
@@ -96,7 +102,7 @@ def dataset_choice() -> str:
 
 def data_root() -> Path:
     """Where datasets, downloads and feature caches live (KWS_DATA_ROOT, default ./data)."""
-    return Path(os.environ.get("KWS_DATA_ROOT", REPO_ROOT / "data"))
+    return Path(os.environ.get("KWS_DATA_ROOT", WORK_ROOT / "data"))
 
 
 def real_data_dir() -> Path:
@@ -121,7 +127,7 @@ def synthetic_test_dir() -> Path:
 
 def output_dir() -> Path:
     """Where a course run writes everything it makes (KWS_OUTPUT, default ./output)."""
-    return Path(os.environ.get("KWS_OUTPUT", REPO_ROOT / "output"))
+    return Path(os.environ.get("KWS_OUTPUT", WORK_ROOT / "output"))
 
 
 def artifacts_dir() -> Path:
@@ -165,6 +171,17 @@ def mlperf_kws01_url() -> str:
 def mlperf_checkpoint_url() -> str:
     """URL of the MLPerf reference DS-CNN checkpoint (KWS_MLPERF_CHECKPOINT_URL overrides)."""
     return os.environ.get("KWS_MLPERF_CHECKPOINT_URL", MLPERF_CHECKPOINT_URL)
+
+
+def netron_mode() -> str:
+    """``embed`` Netron in the notebook or only ``print`` its command (KWS_NETRON, default auto)."""
+    choice = os.environ.get("KWS_NETRON", "auto")
+    if choice not in ("auto", "embed", "print"):
+        raise ValueError(f"KWS_NETRON={choice!r}: use 'auto', 'embed' or 'print'.")
+    # Headless CI runs must not start servers; `make` sets print for its headless runs too.
+    if choice == "auto":
+        return "print" if profile().name == "ci" else "embed"
+    return choice
 
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
