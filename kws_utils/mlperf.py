@@ -35,8 +35,9 @@ def _manifest_id() -> str:
 
 def _help(what: str, variable: str) -> str:
     """What a learner can do when the MLPerf files cannot be downloaded."""
-    return (f"The real MLPerf {what} cannot be used, so the cells that need it are skipped. To "
-            "use it: run again with internet access (the files are downloaded once, into "
+    return (f"The real MLPerf {what} cannot be used here; notebook cells that need the real "
+            "MLPerf files skip. To get them: run again with internet access (they are downloaded "
+            "once, into "
             f"{config.mlperf_download_dir()}), or copy the MLPerf artifacts folder (kws01/ and "
             f"{CHECKPOINT}) to this machine and set KWS_MLPERF_DIR to it, or set {variable} to a "
             "mirror.")
