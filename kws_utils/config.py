@@ -14,6 +14,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 # outputs then go under the working folder rather than into site-packages.
 WORK_ROOT = REPO_ROOT if (REPO_ROOT / "pyproject.toml").is_file() else Path.cwd()
 # The course's public repository: the Colab badges and the notebooks' set-up cell install from it.
+# OWNER is a placeholder until the repository is published: set the real address here, re-run the
+# notebook patch, and tests/test_notebooks_setup.py checks that every notebook uses it.
 COURSE_REPO_URL = "https://github.com/OWNER/kws-course"
 COURSE_BRANCH = "main"
 
