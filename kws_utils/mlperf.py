@@ -8,6 +8,7 @@ when it matches. The kws01 folder gets its completion marker only after all 1,00
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from functools import cache
 from pathlib import Path
@@ -49,12 +50,21 @@ def _fetch_verified(url: str, dest: Path, sha256: str, size: int, what: str,
     try:
         return data.download(url, dest, sha256, size, progress=False)
     except data.NetworkUnavailable as err:
+        _drop_empty_folders(dest.parent)
         raise data.NetworkUnavailable(f"Could not reach {url} ({err.__cause__}). "
                                       f"{_help(what, variable)}") from err
     except data.DownloadError as err:
+        _drop_empty_folders(dest.parent)
         raise data.DownloadError(f"{dest.name} refused and not kept: {err} The file does not "
                                  "match the course's manifest (kws_utils/mlperf_manifest.json): "
                                  f"a corrupted or truncated copy. {_help(what, variable)}") from err
+
+
+def _drop_empty_folders(folder: Path) -> None:
+    """Remove ``folder`` and the download folder if a failed first download left them empty."""
+    for path in (folder, config.mlperf_download_dir()):
+        with contextlib.suppress(OSError):   # not empty (or already gone): keep it
+            path.rmdir()
 
 
 def _local_kws01() -> Path | None:
