@@ -1,0 +1,59 @@
+"""Quantization for the TI NPU: QAT/PTQ wrappers with the API of TI's ``tinyml_torchmodelopt``.
+
+The course carries this small implementation of TI's ``tinyml_torchmodelopt.quantization``
+(github.com/TexasInstruments/tinyml-tensorlab) with the same class names and arguments. A
+learner's code runs against either by changing one import (see ``quant_backend()`` and
+``KWS_QUANT_BACKEND=ti``).
+
+Modules, by concern (``kws_utils.export`` never imports this package, so there is no circle):
+    qconfig    qconfig_type dicts: defaults, validation, normalization
+    observers  observers and fake quantization (torch QConfig, backend config)
+    onnx_form  ONNX writers for an IntegerModel (TI NPU integer form, QDQ form)
+    integer    IntLayer, IntegerModel, build_integer_model, requantization constants
+    wrappers   TINPUTinyML*FxModule, TinyMLModelQConfigFormat, quant_backend()
+    course     helpers of notebooks 04-06 (ptq, qat, quantize_variant, ...)
+
+Workflow (both QAT and PTQ)::
+
+    qmodel = TINPUTinyMLQATFxModule(model, total_epochs=4, qconfig_type=qconfig_for(8),
+                                    example_inputs=torch.zeros(1, 1, 49, 10))
+    for epoch in range(4):
+        qmodel.train()            # one call per epoch: drives the freezing schedule
+        ...usual training loop on qmodel...
+        qmodel.eval()
+    int_model = qmodel.convert()  # IntegerModel: integer weights, int requantization
+    int_model.export(example, "kws_int8.onnx", input_names=["input"])
+
+PTQ calibration needs no training: wrap with ``TINPUTinyMLPTQFxModule(model, total_epochs=1)``,
+then ``qmodel.eval()`` and run forward passes over a few hundred representative inputs under
+``torch.no_grad()`` (the observers record ranges; BatchNorm uses its running statistics), then
+``convert()``.
+
+Schedule over ``total_epochs`` (TI's rule): epochs are counted by ``train()`` calls. QAT
+BatchNorm statistics freeze from epoch ``total_epochs // 2 - 1`` on, observer ranges from epoch
+``total_epochs // 2 + 1`` on (override with ``num_batch_norm_update_epochs`` /
+``num_observer_update_epochs``, ``False`` = never). PTQ keeps BatchNorm frozen throughout.
+``convert()`` freezes everything.
+
+Numbers: weights are symmetric, ``[-(2**(b-1) - 1), 2**(b-1) - 1]`` (int8 [-127, 127], int4
+[-7, 7], int2 ternary [-1, 1]) with one scale per output channel; activations 8-bit, unsigned
+[0, 255] after ReLU and signed [-128, 127] otherwise (TI stores both as quint8 with zero point
+0 or 128). Each Conv/Linear requantizes its int32 accumulator with
+``clamp(floor((acc + offset) * mult * 2**-shift), qmin, qmax)``, ``mult`` at most 8 bits.
+"""
+from kws_utils.quant.qconfig import (FLOAT32_EXACT, MAX_SHIFT, MULT_BITS, WEIGHT_BITS,
+                                     default_qconfig_type, normalize_qconfig_type,
+                                     output_int_dtype, qconfig_for)
+from kws_utils.quant.observers import (MSE_RATIOS, ActivationObserver, PerChannelWeightObserver,
+                                       PerTensorWeightObserver, ceil_power2, make_backend_config,
+                                       make_qconfig)
+from kws_utils.quant.onnx_form import export_integer_onnx, export_qdq_onnx
+from kws_utils.quant.integer import (IntegerModel, IntLayer, build_integer_model, requant_params,
+                                     run_layer)
+from kws_utils.quant.wrappers import (TINPUTinyMLPTQFxModule, TINPUTinyMLQATFxModule,
+                                      TINPUTinyMLQuantFxModule, TinyMLModelQConfigFormat,
+                                      quant_backend)
+from kws_utils.quant.course import (QUANT_METHODS, VariantResult, accuracy, calibrate,
+                                    calibration_subset, fake_quantize_weight, fold_batchnorm,
+                                    onnx_check, packed_weight_bytes, ptq, qat, quantize_variant,
+                                    schedule_state, stable_conv_bn, variant_onnx_path)
