@@ -35,6 +35,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from kws_utils import config, model as kws_model
 from kws_utils.quant import onnx_form
+from kws_utils.quant.observers import TernaryFakeQuantize
 from kws_utils.quant.qconfig import FLOAT32_EXACT, MAX_SHIFT, MULT_BITS, output_int_dtype
 
 
@@ -134,10 +135,14 @@ def _signed_range(zero_point: int, bits: int = 8) -> tuple[int, int]:
 def _fused_float(mod: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """Weight and bias as torch.ao's convert folds them (fuse_conv_bn_weights for ConvBn)."""
     bias = mod.bias if mod.bias is not None else torch.zeros(mod.weight.shape[0])
+    weight = mod.weight
+    if isinstance(mod.weight_fake_quant, TernaryFakeQuantize):
+        # TI makes the raw weights ternary before folding BatchNorm (hard steps in eval)
+        weight = mod.weight_fake_quant.ternary(weight)
     if not hasattr(mod, "bn"):
-        return mod.weight.detach(), bias.detach()
+        return weight.detach(), bias.detach()
     bn = mod.bn
-    w, b = fuse_conv_bn_weights(mod.weight, bias, bn.running_mean, bn.running_var, bn.eps,
+    w, b = fuse_conv_bn_weights(weight, bias, bn.running_mean, bn.running_var, bn.eps,
                                 bn.weight, bn.bias)
     return w.detach(), b.detach()
 
