@@ -421,3 +421,22 @@ def test_real_data_ptq_accuracy_through_onnx(bits: int, allowed_drop: float, tmp
     print(f"\nPTQ int{bits} via ONNX on kws01[200:]: {acc:.2%} (float {float_acc:.2%})")
     assert abs(float_acc - 0.906) < 0.002
     assert 0.0 <= acc <= 1.0 and acc >= float_acc - allowed_drop
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_integer_onnx_reads_back_bit_exact(bits: int, tmp_path) -> None:
+    wrapper, _, x = _converted(bits)
+    wrapper.integer_model.output = "int8"
+    try:
+        path = wrapper.export(x[:1], tmp_path / "m.onnx")
+    finally:
+        wrapper.integer_model.output = "float"
+    back = quant.read_integer_onnx(path)
+    assert [l.op for l in back.layers] == [l.op for l in wrapper.integer_model.layers]
+    assert np.array_equal(back(x).numpy().astype(np.float32), export.onnx_predict(path, x))
+
+
+def test_reading_a_float_onnx_says_it_is_not_integer(tmp_path) -> None:
+    path = export.export_onnx(model.DSCNN().eval(), tmp_path / "float.onnx")
+    with pytest.raises(ValueError, match="not a TINPU integer model"):
+        quant.read_integer_onnx(path)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import importlib.util
 
+import numpy as np
+
 import pytest
 
 from kws_utils import config
@@ -48,3 +50,16 @@ def test_short_qat_run_matches_ti() -> None:
     assert result["argmax_agreement_pct"] >= 99.0
     assert result["max_weight_diff"] <= 1e-4
     assert abs(result["course_acc_pct"] - result["ti_acc_pct"]) <= 0.5
+
+
+def test_tis_integer_onnx_reads_into_an_integer_model(tmp_path) -> None:
+    import torch
+    from kws_utils import data, export, model, quant
+    x, _, _ = data.load_kws01()
+    path = agreement.ptq_onnx(agreement.ti_backend(), model.reference_model(),
+                              quant.ti_example_qconfig(4), x[agreement.CALIB], tmp_path / "ti.onnx")
+    int_model = quant.read_integer_onnx(path)
+    want = agreement.onnx_outputs(path, x[agreement.EVAL])
+    with torch.no_grad():
+        assert np.array_equal(int_model(x[agreement.EVAL]).numpy().astype(np.float32), want)
+    assert {l.weight_bits for l in int_model.layers if l.weight is not None} == {4, 8}

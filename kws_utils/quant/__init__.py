@@ -9,6 +9,8 @@ Modules, by concern (``kws_utils.export`` never imports this package, so there i
     qconfig    qconfig_type dicts: defaults, validation, normalization
     observers  observers and fake quantization (torch QConfig, backend config)
     onnx_form  ONNX writers for an IntegerModel (TI NPU integer form, QDQ form)
+    onnx_read  read a TINPU integer ONNX file (TI's or the course's) into an IntegerModel
+    agreement  side-by-side runs against TI's package (benchmarks, tests)
     integer    IntLayer, IntegerModel, build_integer_model, requantization constants
     wrappers   TINPUTinyML*FxModule, TinyMLModelQConfigFormat, quant_backend()
     course     helpers of notebooks 04-06 (ptq, qat, quantize_variant, ...)
@@ -49,8 +51,9 @@ from kws_utils.quant.observers import (MSE_RATIOS, ActivationObserver, PerChanne
                                        PerTensorWeightObserver, ceil_power2, make_backend_config,
                                        make_qconfig)
 from kws_utils.quant.onnx_form import export_integer_onnx, export_qdq_onnx
-from kws_utils.quant.integer import (IntegerModel, IntLayer, build_integer_model, requant_params,
-                                     run_layer)
+from kws_utils.quant.integer import (InputStage, IntegerModel, IntLayer, build_integer_model,
+                                     requant_params, run_layer)
+from kws_utils.quant.onnx_read import read_integer_onnx, split_multiplier
 from kws_utils.quant.wrappers import (TINPUTinyMLPTQFxModule, TINPUTinyMLQATFxModule,
                                       TINPUTinyMLQuantFxModule, TinyMLModelQConfigFormat,
                                       quant_backend)
