@@ -122,11 +122,12 @@ def test_int8_output_mode_gives_int8_logits() -> None:
 
 
 def test_requant_params_approximate_the_real_multiplier() -> None:
-    mult, shift = quant.requant_params(np.array([2.0 ** -7, 0.0123, 1 / 125]))
+    offset, mult, shift = quant.requant_params(np.array([2.0 ** -7, 0.0123, 1 / 125]))
     assert mult[0] == 128 and shift[0] == 14   # 8 bits: the largest shift that keeps mult < 256
-    approx = (mult.double() * 2.0 ** -shift.double()).numpy()
+    assert offset[0] == 64                     # half an output step: 2**13 / 128
+    approx = mult * 2.0 ** -shift.astype(np.float64)
     assert np.allclose(approx, [2.0 ** -7, 0.0123, 1 / 125], rtol=1 / 128)
-    mult, shift = quant.requant_params(np.array([2.0 ** -7, 1 / 125]), mult_bits=1)
+    _, mult, shift = quant.requant_params(np.array([2.0 ** -7, 1 / 125]), mult_bits=1)
     assert mult.tolist() == [1, 1] and shift.tolist() == [7, 6]   # 1 bit: 1/125 becomes 1/64
     with pytest.raises(ValueError, match="out of range"):
         quant.requant_params(np.array([1000.0]))
