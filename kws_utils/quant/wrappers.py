@@ -264,7 +264,7 @@ class TINPUTinyMLQATFxModule(TINPUTinyMLQuantFxModule):
 
 
 class TINPUTinyMLPTQFxModule(TINPUTinyMLQuantFxModule):
-    """Post-training quantization: eval() + forward passes over calibration data, then convert()."""
+    """Post-training quantization: forward passes over calibration data, eval(), then convert()."""
 
     def __init__(self, *args: Any, is_qat: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, is_qat=is_qat, **kwargs)
