@@ -291,8 +291,7 @@ def integer_onnx_files(net: nn.Module, val_x: torch.Tensor) -> dict[int, Path]:
             print(f"int{bits}: using {found[0].name} from notebook 05")
             continue
         calib = quant.calibration_subset(val_x, config.profile().calib_clips)
-        int_model = quant.ptq(net, bits, calib).integer_model
-        out[bits] = int_model.export(val_x[:1], quant.variant_onnx_path(bits, "ptq"))
+        out[bits] = quant.export_integer(quant.ptq(net, bits, calib), quant.variant_onnx_path(bits, "ptq"))
         print(f"int{bits}: notebook 05 has not run; PTQ-calibrated here on {len(calib)} "
               f"validation clips -> {out[bits].name}")
     return out
@@ -322,10 +321,7 @@ BUDGET_HEADERS = ["variant", "weights (B)", "bias+requant (B)", "params total (B
                   "peak activations (B)", "MACs", "latency (ms)", "inferences/s", "CPU load (%)"]
 
 
-def packed_weight_bytes(source: str | Path | NpuModel) -> int:
-    """Bytes of all conv/linear weights packed at each layer's bit width (biases not counted)."""
-    return sum(-(-l.weight.size * l.weight_bits // 8) for l in _as_model(source).layers
-               if l.weight is not None)
+packed_weight_bytes = tinpu_onnx.packed_weight_bytes
 
 
 def integer_param_bytes(source: str | Path | NpuModel) -> tuple[int, int]:

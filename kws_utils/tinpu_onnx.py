@@ -326,3 +326,9 @@ def load_integer_onnx(path: str | Path, weight_bits: int | dict[str, int] | None
     dims = proto.graph.input[0].type.tensor_type.shape.dim[1:]
     return NpuModel(stage, layers, tuple(d.dim_value for d in dims), scale,
                     onnx.helper.tensor_dtype_to_np_dtype(out_type).name, path)
+
+
+def packed_weight_bytes(source: str | Path | NpuModel) -> int:
+    """Bytes of all conv/linear weights packed at each layer's bit width (biases not counted)."""
+    m = source if isinstance(source, NpuModel) else load_integer_onnx(source)
+    return sum(-(-l.weight.size * l.weight_bits // 8) for l in m.layers if l.weight is not None)
