@@ -42,7 +42,8 @@ Numbers: weights are symmetric, ``[-(2**(b-1) - 1), 2**(b-1) - 1]`` (int8 [-127,
 ``clamp(floor((acc + offset) * mult * 2**-shift), qmin, qmax)``, ``mult`` at most 8 bits.
 """
 from kws_utils.quant.qconfig import (FLOAT32_EXACT, MAX_SHIFT, MULT_BITS, WEIGHT_BITS,
-                                     default_qconfig_type, normalize_qconfig_type,
+                                     default_qconfig_type, layer_qconfig_type, normalize_qconfig_type,
+                                     ti_example_qconfig,
                                      output_int_dtype, qconfig_for)
 from kws_utils.quant.observers import (MSE_RATIOS, ActivationObserver, PerChannelWeightObserver,
                                        PerTensorWeightObserver, ceil_power2, make_backend_config,
