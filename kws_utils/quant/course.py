@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import torch
 from torch import nn
 from torch.ao.quantization import FakeQuantize
@@ -146,9 +147,16 @@ def export_integer(wrapper: TINPUTinyMLQuantFxModule, path: str | Path,
     """Export a converted wrapper (either backend) as TINPU integer ONNX, written atomically."""
     example = torch.zeros(1, *config.INPUT_SHAPE) if example is None else example[:1]
     with files.atomic_path(path) as tmp:
-        # TI's export fixes the batch to the example's unless the axis is declared dynamic.
-        wrapper.export(example, str(tmp), input_names=["input"], output_names=["logits"],
-                       dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+        leftover = tmp.with_name(tmp.name + ".data")
+        try:
+            # TI's export fixes the batch to the example's unless the axis is declared dynamic.
+            wrapper.export(example, str(tmp), input_names=["input"], output_names=["logits"],
+                           dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+        finally:
+            # torch's exporter leaves the weights of its first draft beside the file; the
+            # simplified file TI saves over it holds its own weights, so the draft is garbage.
+            leftover.unlink(missing_ok=True)
+        onnx.checker.check_model(str(tmp))   # fails if the file still pointed at external data
     return Path(path)
 
 
