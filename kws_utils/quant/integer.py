@@ -19,6 +19,7 @@ Every step runs in float32 exactly as the ONNX graph does, so onnxruntime gives 
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from kws_utils import config, model as kws_model
 from kws_utils.quant import onnx_form
+from kws_utils.quant.observers import TernaryFakeQuantize
 from kws_utils.quant.qconfig import FLOAT32_EXACT, MAX_SHIFT, MULT_BITS, output_int_dtype
 
 
@@ -134,20 +136,31 @@ def _signed_range(zero_point: int, bits: int = 8) -> tuple[int, int]:
 def _fused_float(mod: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """Weight and bias as torch.ao's convert folds them (fuse_conv_bn_weights for ConvBn)."""
     bias = mod.bias if mod.bias is not None else torch.zeros(mod.weight.shape[0])
+    weight = mod.weight
+    if isinstance(mod.weight_fake_quant, TernaryFakeQuantize):
+        # TI makes the raw weights ternary before folding BatchNorm (hard steps in eval)
+        weight = mod.weight_fake_quant.ternary(weight)
     if not hasattr(mod, "bn"):
-        return mod.weight.detach(), bias.detach()
+        return weight.detach(), bias.detach()
     bn = mod.bn
-    w, b = fuse_conv_bn_weights(mod.weight, bias, bn.running_mean, bn.running_var, bn.eps,
+    w, b = fuse_conv_bn_weights(weight, bias, bn.running_mean, bn.running_var, bn.eps,
                                 bn.weight, bn.bias)
     return w.detach(), b.detach()
+
+
+def _quantize_per_channel(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """round(x / scale) per output channel, exactly as torch.ao's convert quantizes (int codes)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # quantized dtypes are deprecated; the rounding is what we need
+        return torch.quantize_per_channel(x, scale, torch.zeros(len(scale), dtype=torch.long), 0,
+                                          dtype).int_repr()
 
 
 def _int_weight(w: torch.Tensor, fq: FakeQuantize) -> tuple[torch.Tensor, torch.Tensor]:
     """(integer weights, float64 per-channel scales): torch's weight quantization, clamped."""
     scale, zp = fq.calculate_qparams()
     scale = scale.reshape(-1).double().expand(w.shape[0]).clone()
-    q = torch.quantize_per_channel(w.float(), scale, torch.zeros(w.shape[0], dtype=torch.long),
-                                   0, torch.qint8).int_repr()
+    q = _quantize_per_channel(w.float(), scale, torch.qint8)
     return torch.clamp(q, fq.quant_min, fq.quant_max), scale
 
 
@@ -163,8 +176,7 @@ def _weighted_layer(name: str, mod: nn.Module, in_scale: float, out_fq: FakeQuan
     w_int, w_scale = _int_weight(weight, mod.weight_fake_quant)
     out_scale, out_zp = _act_qparams(out_fq)
     acc_scale = w_scale * in_scale                                          # float64
-    q_bias = torch.quantize_per_channel(bias.float(), acc_scale, torch.zeros_like(acc_scale, dtype=torch.long),
-                                        0, torch.qint32).int_repr()
+    q_bias = _quantize_per_channel(bias.float(), acc_scale, torch.qint32)
     mult, shift = requant_params((acc_scale / out_scale).float(), mult_bits)
     half = out_scale / 2 / acc_scale.float()
     # TI rounds bias + half step together in float32; keep the bias apart, the rest as offset.

@@ -188,22 +188,71 @@ class SoftFakeQuantize(FakeQuantize):
         return ((q - zp) * scale).view(x.shape)
 
 
+class RowMaxObserver(PerChannelMinMaxObserver):
+    """Per-output-channel range = the largest |value| of the current tensor (DBQ's scale)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Record -max|row|, +max|row| of the current tensor (no running min/max)."""
+        peak = x.detach().reshape(x.shape[0], -1).abs().amax(dim=1)
+        self.min_val.resize_(peak.shape).copy_(-peak)
+        self.max_val.resize_(peak.shape).copy_(peak)
+        return x
+
+    def _calculate_qparams(self, min_val: torch.Tensor, max_val: torch.Tensor):
+        """Scale = the row's peak (one ternary step), at least 1e-5; zero point 0."""
+        return torch.clamp(max_val, min=1e-5), torch.zeros(max_val.shape, dtype=torch.int64)
+
+
+class TernaryFakeQuantize(FakeQuantize):
+    """TI's 'dbq' weights: each row thresholded at +-1/3 of its peak into {-1, 0, +1} x peak.
+
+    While training the thresholds are sigmoids of slope T (T doubles every epoch while the
+    observers run, as in TI); in eval they are hard steps. The result is then fake-quantized
+    with the row peak as scale (TI's DBQ observer), which is also what convert() uses.
+    """
+
+    THRESHOLDS = (-1.0 / 3.0, 1.0 / 3.0)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.temperature = 1.0
+
+    def update_temperature(self, _: float | None = None) -> None:
+        """Double the slope of the soft thresholds (TI's schedule, capped at 2**20)."""
+        self.temperature = min(self.temperature * 2, 2 ** 20)
+
+    def ternary(self, x: torch.Tensor) -> torch.Tensor:
+        """Each row as peak x {-1, 0, +1} (soft steps while training)."""
+        rows = x.reshape(x.size(0), -1)
+        peak = torch.clamp(rows.abs().max(dim=1, keepdim=True)[0], min=1e-8)
+        norm = rows / peak
+        level = sum(torch.sigmoid((norm - t) * self.temperature) if self.training
+                    else (norm - t > 0).to(norm.dtype) for t in self.THRESHOLDS)
+        return (peak * (level - 1.0)).view(x.shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Ternary values of each row, then the fake quantization."""
+        return super().forward(self.ternary(x))
+
+
 def make_qconfig(qconfig_type: dict | None) -> QConfig:
     """Turn a qconfig_type dict (one layer's, normalized) into a torch QConfig of fake quantizers."""
     normalized = qconfig_type is not None and "mixed_precision" in qconfig_type.get("weight", {})
     qt = qconfig_type if normalized else normalize_qconfig_type(qconfig_type)
     w, a = qt["weight"], qt["activation"]
-    if w["soft_quant"] == "dbq":
-        raise NotImplementedError("soft_quant 'dbq' (TI's learned ternary weights) is not implemented "
-                                  "in kws_utils.quant: use KWS_QUANT_BACKEND=ti for it.")
     per_channel = w["qscheme"] == torch.per_channel_symmetric
     w_cls = FakeQuantize if w["soft_quant"] == "default" else partial(SoftFakeQuantize, soft_quant=w["soft_quant"])
+    w_observer = PerChannelWeightObserver if per_channel else PerTensorWeightObserver
+    if w["soft_quant"] == "dbq":
+        w_cls, w_observer = TernaryFakeQuantize, RowMaxObserver
     a_cls = FakeQuantize if a["soft_quant"] == "default" else partial(SoftFakeQuantize, soft_quant=a["soft_quant"])
-    weight_fq = _with_args(
-        w_cls, observer=PerChannelWeightObserver if per_channel else PerTensorWeightObserver,
-        quant_min=w["quant_min"], quant_max=w["quant_max"], dtype=torch.qint8,
-        qscheme=w["qscheme"], power2_scale=w["power2_scale"], range_method=w["observer"],
-        range_max=w["range_max"], fixed_range=w["fixed_range"])
+    w_options = {} if w["soft_quant"] == "dbq" else dict(
+        power2_scale=w["power2_scale"], range_method=w["observer"], range_max=w["range_max"],
+        fixed_range=w["fixed_range"])
+    weight_fq = _with_args(w_cls, observer=w_observer, quant_min=w["quant_min"],
+                           quant_max=w["quant_max"], dtype=torch.qint8,
+                           qscheme=torch.per_channel_symmetric if w["soft_quant"] == "dbq" else w["qscheme"],
+                           **w_options)
     act_fq = _with_args(
         a_cls, observer=ActivationObserver, quant_min=0, quant_max=255, dtype=torch.quint8,
         qscheme=a["qscheme"], power2_scale=a["power2_scale"], range_max=a["range_max"],

@@ -19,7 +19,8 @@ from torch.ao.quantization import quantize_fx
 from kws_utils import config, model as kws_model
 from kws_utils.quant import onnx_form
 from kws_utils.quant.integer import IntegerModel, build_integer_model
-from kws_utils.quant.observers import SoftFakeQuantize, make_backend_config, make_qconfig
+from kws_utils.quant.observers import (SoftFakeQuantize, TernaryFakeQuantize,
+                                       make_backend_config, make_qconfig)
 from kws_utils.quant.qconfig import layer_qconfig_type, normalize_qconfig_type
 
 
@@ -184,7 +185,7 @@ class TINPUTinyMLQuantFxModule(nn.Module):
             self._add_bias_hooks()
         if not freeze_obs:
             for fq in self.modules():
-                if isinstance(fq, SoftFakeQuantize):
+                if isinstance(fq, (SoftFakeQuantize, TernaryFakeQuantize)):
                     fq.update_temperature(float(self.temperatures[self.num_epochs_tracked]))
         self.num_epochs_tracked += 1
 
