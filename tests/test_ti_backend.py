@@ -1,6 +1,7 @@
 """Both backends: notebook 04's visible loops equal the package's, and TI's own files deploy."""
 from __future__ import annotations
 
+import copy
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -38,8 +39,8 @@ def tiny() -> SimpleNamespace:
 
 def _run_cell(marker: str, tiny: SimpleNamespace) -> dict:
     """Execute notebook 04's cell on the tiny model; its namespace afterwards."""
-    ns = dict(torch=torch, time=time, np=np, config=config, quant=quant, training=training,
-              model=model, plots=plots, tinpu=quant.quant_backend(), net=tiny.net,
+    ns = dict(copy=copy, torch=torch, time=time, np=np, config=config, quant=quant, training=training,
+              model=model, plots=plots, tinpu=quant.quant_backend(), net=copy.deepcopy(tiny.net),
               feats=tiny.feats, prof=tiny.prof, calib_x=tiny.calib_x)
     exec(compile(_cell(marker), NB04.name, "exec"), ns)
     return ns
@@ -54,7 +55,7 @@ def _outputs(wrapper: torch.nn.Module, x: torch.Tensor) -> np.ndarray:
 def test_notebook_ptq_loop_equals_the_package(tiny: SimpleNamespace) -> None:
     ns = _run_cell("ptq = tinpu.TINPUTinyMLPTQFxModule(", tiny)
     wrapper = quant.quant_backend().TINPUTinyMLPTQFxModule(
-        tiny.net, total_epochs=1, qconfig_type=None, example_inputs=tiny.calib_x[:1])
+        copy.deepcopy(tiny.net), total_epochs=1, qconfig_type=None, example_inputs=tiny.calib_x[:1])
     quant.calibrate(wrapper, tiny.calib_x)
     wrapper.convert()
     x = tiny.feats.test_x
@@ -64,7 +65,7 @@ def test_notebook_ptq_loop_equals_the_package(tiny: SimpleNamespace) -> None:
 def test_notebook_qat_loop_equals_the_package(tiny: SimpleNamespace) -> None:
     ns = _run_cell("qat = tinpu.TINPUTinyMLQATFxModule(", tiny)
     wrapper = quant.quant_backend().TINPUTinyMLQATFxModule(
-        tiny.net, total_epochs=tiny.prof.qat_epochs, qconfig_type=None,
+        copy.deepcopy(tiny.net), total_epochs=tiny.prof.qat_epochs, qconfig_type=None,
         example_inputs=tiny.calib_x[:1])
     quant.stable_conv_bn(wrapper)
     history = quant.qat_fit(wrapper, tiny.feats, tiny.prof.qat_epochs, tiny.prof.qat_lr,
@@ -78,7 +79,7 @@ def test_notebook_qat_loop_equals_the_package(tiny: SimpleNamespace) -> None:
 @pytest.mark.parametrize("bits", (8, 4, 2))
 def test_ti_export_reads_back_bit_exact(bits: int, tiny: SimpleNamespace, tmp_path: Path) -> None:
     ti = pytest.importorskip("tinyml_torchmodelopt.quantization")
-    wrapper = ti.TINPUTinyMLPTQFxModule(tiny.net, total_epochs=1, qconfig_type=quant.qconfig_for(bits),
+    wrapper = ti.TINPUTinyMLPTQFxModule(copy.deepcopy(tiny.net), total_epochs=1, qconfig_type=quant.qconfig_for(bits),
                                         example_inputs=tiny.calib_x[:1])
     quant.calibrate(wrapper, tiny.calib_x)
     wrapper.convert()

@@ -85,9 +85,9 @@ def calibrate(wrapper: TINPUTinyMLQuantFxModule, x: torch.Tensor,
 
 def ptq(model: nn.Module, bits: int, calib_x: torch.Tensor, batch_size: int = 100,
         qconfig_type: dict | None = None) -> TINPUTinyMLPTQFxModule:
-    """Wrap for PTQ at ``bits`` (or an explicit qconfig_type), calibrate on ``calib_x``, convert."""
+    """Wrap a copy (TI's wrapper changes its model in place) for PTQ, calibrate, convert."""
     wrapper = quant_backend().TINPUTinyMLPTQFxModule(
-        model, total_epochs=1, qconfig_type=qconfig_type or qconfig_for(bits),
+        copy.deepcopy(model), total_epochs=1, qconfig_type=qconfig_type or qconfig_for(bits),
         example_inputs=torch.zeros(1, *config.INPUT_SHAPE))
     calibrate(wrapper, calib_x, batch_size)
     wrapper.convert()   # freezes the observers: later evaluations cannot move the ranges
@@ -123,7 +123,7 @@ def qat(model: nn.Module, bits: int, feats: Any, epochs: int, lr: float, batch_s
         seed: int = config.SEED) -> tuple[TINPUTinyMLQATFxModule, Any]:
     """Fine-tune a QAT wrapper with ``qat_fit`` (notebook 04's loop), convert; (wrapper, history)."""
     wrapper = quant_backend().TINPUTinyMLQATFxModule(
-        model, total_epochs=epochs, qconfig_type=qconfig_for(bits),
+        copy.deepcopy(model), total_epochs=epochs, qconfig_type=qconfig_for(bits),
         example_inputs=torch.zeros(1, *config.INPUT_SHAPE))
     stable_conv_bn(wrapper)
     history = qat_fit(wrapper, feats, epochs, lr, batch_size, training.set_seed(seed))
@@ -223,13 +223,13 @@ def quantize_variant(model: nn.Module, feats: Any, bits: int, method: str,
     start = time.perf_counter()
     if method == "ptq":
         wrapper = quant_backend().TINPUTinyMLPTQFxModule(
-            model, total_epochs=1, qconfig_type=qconfig_for(bits),
+            copy.deepcopy(model), total_epochs=1, qconfig_type=qconfig_for(bits),
             example_inputs=torch.zeros(1, *config.INPUT_SHAPE))
         calibrate(wrapper, calibration_subset(feats.val_x, prof.calib_clips))
         history = None
     elif method == "qat":
         wrapper = quant_backend().TINPUTinyMLQATFxModule(
-            model, total_epochs=prof.qat_epochs, qconfig_type=qconfig_for(bits),
+            copy.deepcopy(model), total_epochs=prof.qat_epochs, qconfig_type=qconfig_for(bits),
             example_inputs=torch.zeros(1, *config.INPUT_SHAPE))
         stable_conv_bn(wrapper)
         history = qat_fit(wrapper, feats, prof.qat_epochs, prof.qat_lr, prof.batch_size,
