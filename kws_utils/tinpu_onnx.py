@@ -125,10 +125,14 @@ def _chain(proto: onnx.ModelProto, consts: dict, path: str) -> list[onnx.NodePro
     nodes = [n for n in proto.graph.node if n.op_type != "Constant"]
     for node in nodes:
         data = [i for i in node.input if i and i not in consts]
+        missing = [i for i in data if i != current]
+        if current in data and missing:
+            raise _fail(path, f"{node.op_type} node {node.name}: required tensor {missing[0]!r} is "
+                              "missing (neither an initializer nor a constant).")
         if data != [current]:
             raise _fail(path, f"node {node.name or node.op_type} does not continue the single "
-                              f"chain from the input (reads {list(node.input)}; a missing "
-                              "initializer or a branching graph), not a TINPU integer model.")
+                              f"chain from the input (reads {list(node.input)}): a branching graph "
+                              "is not a TINPU integer model of this course.")
         order.append(node)
         current = node.output[0]
     return order
