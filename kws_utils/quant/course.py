@@ -102,20 +102,25 @@ def qat_fit(wrapper: TINPUTinyMLQATFxModule, feats: Any, epochs: int, lr: float,
     loss_fn = nn.CrossEntropyLoss()
     history = training.History()
     for epoch in range(epochs):
+        history.lr.append(optimizer.param_groups[0]["lr"])
         wrapper.train()   # one call per epoch drives the freezing schedule (BN, then observers)
         views = feats.train_views[epoch % len(feats.train_views)]
-        total = 0.0
+        total, correct = 0.0, 0
         for xb, yb in training.Batches(views, feats.train_y, batch_size, shuffle=True,
                                        generator=generator):
             optimizer.zero_grad()
-            loss = loss_fn(wrapper(xb), yb)
+            logits = wrapper(xb)
+            loss = loss_fn(logits, yb)
             loss.backward()
             optimizer.step()
             scheduler.step()
             total += loss.item() * len(yb)
-        wrapper.eval()
+            correct += (logits.argmax(1) == yb).sum().item()
+        val = training.evaluate(wrapper, feats.val_x, feats.val_y, loss_fn=loss_fn)   # eval() mode
         history.train_loss.append(total / len(feats.train_y))
-        history.val_acc.append(accuracy(wrapper, feats.val_x, feats.val_y))
+        history.train_acc.append(correct / len(feats.train_y))
+        history.val_loss.append(val.loss)
+        history.val_acc.append(val.accuracy)
     return history
 
 
