@@ -2,11 +2,15 @@
 per quantized variant (wrap -> calibrate or fine-tune -> convert -> export -> check with ONNX)."""
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
+import logging
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import onnx
@@ -147,6 +151,20 @@ def integer_module(wrapper: TINPUTinyMLQuantFxModule) -> nn.Module:
     return wrapper if is_ti(wrapper) else wrapper.integer_model
 
 
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """Silence torch's ONNX exporter chatter (opset notes, deprecation warnings) for one export."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
 def export_integer(wrapper: TINPUTinyMLQuantFxModule, path: str | Path,
                    example: torch.Tensor | None = None) -> Path:
     """Export a converted wrapper (either backend) as TINPU integer ONNX, written atomically."""
@@ -154,9 +172,10 @@ def export_integer(wrapper: TINPUTinyMLQuantFxModule, path: str | Path,
     with files.atomic_path(path) as tmp:
         leftover = tmp.with_name(tmp.name + ".data")
         try:
-            # TI's export fixes the batch to the example's unless the axis is declared dynamic.
-            wrapper.export(example, str(tmp), input_names=["input"], output_names=["logits"],
-                           dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+            with _quiet_exporter():
+                # TI's export fixes the batch to the example's unless the axis is declared dynamic.
+                wrapper.export(example, str(tmp), input_names=["input"], output_names=["logits"],
+                               dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
         finally:
             # torch's exporter leaves the weights of its first draft beside the file; the
             # simplified file TI saves over it holds its own weights, so the draft is garbage.
