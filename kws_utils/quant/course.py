@@ -76,11 +76,14 @@ def calibration_subset(x: torch.Tensor, n: int, seed: int = config.SEED) -> torc
     return x[idx.sort().values]
 
 
-def calibrate(wrapper: TINPUTinyMLQuantFxModule, x: torch.Tensor,
-              batch_size: int = 100) -> TINPUTinyMLQuantFxModule:
+def calibrate(wrapper: TINPUTinyMLQuantFxModule, x: torch.Tensor, batch_size: int = 100,
+              seed: int = config.SEED) -> TINPUTinyMLQuantFxModule:
     """PTQ calibration as TI's KWS example does it: train() (one epoch), forward passes, eval()."""
-    wrapper.train()
-    with torch.no_grad():   # nothing is learned: only the observers record ranges
+    # train() mode keeps dropout on, so the observed ranges depend on its masks: seed them
+    # (without disturbing the caller's random state) so that calibration is reproducible.
+    with torch.random.fork_rng(), torch.no_grad():   # no_grad: only the observers learn
+        torch.manual_seed(seed)
+        wrapper.train()
         for i in range(0, len(x), batch_size):
             wrapper(x[i:i + batch_size])
     wrapper.eval()
