@@ -60,6 +60,8 @@ def onnx_predict(path: str | Path, x: torch.Tensor | np.ndarray, batch_size: int
     check_input(x_t)
     session = _session(path)
     name = session.get_inputs()[0].name
+    if session.get_inputs()[0].shape[0] == 1:
+        batch_size = 1   # a file exported with a fixed batch of one (TI's export by default)
     batches = [session.run(None, {name: x_t[i:i + batch_size].numpy()})[0]
                for i in range(0, len(x_t), batch_size)]
     return np.concatenate(batches)

@@ -64,6 +64,7 @@ from kws_utils.quant.wrappers import (TINPUTinyMLPTQFxModule, TINPUTinyMLQATFxMo
                                       TINPUTinyMLQuantFxModule, TinyMLModelQConfigFormat,
                                       quant_backend)
 from kws_utils.quant.course import (QUANT_METHODS, VariantResult, accuracy, calibrate,
-                                    calibration_subset, fake_quantize_weight, fold_batchnorm,
-                                    onnx_check, packed_weight_bytes, ptq, qat, quantize_variant,
+                                    calibration_subset, export_integer, fake_quantize_weight,
+                                    fold_batchnorm, integer_module, is_ti, onnx_check,
+                                    packed_weight_bytes, ptq, qat, qat_fit, quantize_variant,
                                     schedule_state, stable_conv_bn, variant_onnx_path)

@@ -2,21 +2,24 @@
 per quantized variant (wrap -> calibrate or fine-tune -> convert -> export -> check with ONNX)."""
 from __future__ import annotations
 
+import contextlib
 import copy
-import math
+import io
+import logging
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
+import onnx
 import torch
 from torch import nn
 from torch.ao.quantization import FakeQuantize
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from kws_utils import config, export as kws_export, training
-from kws_utils.quant.integer import IntegerModel
+from kws_utils import config, export as kws_export, files, tinpu_onnx, training
 from kws_utils.quant.observers import ceil_power2
 from kws_utils.quant.qconfig import WEIGHT_BITS, qconfig_for
 from kws_utils.quant.wrappers import (TINPUTinyMLPTQFxModule, TINPUTinyMLQATFxModule,
@@ -73,40 +76,115 @@ def calibration_subset(x: torch.Tensor, n: int, seed: int = config.SEED) -> torc
     return x[idx.sort().values]
 
 
-@torch.no_grad()
-def calibrate(wrapper: TINPUTinyMLQuantFxModule, x: torch.Tensor,
-              batch_size: int = 100) -> TINPUTinyMLQuantFxModule:
-    """PTQ calibration: eval mode, forward passes over ``x`` so the observers record ranges."""
+def calibrate(wrapper: TINPUTinyMLQuantFxModule, x: torch.Tensor, batch_size: int = 100,
+              seed: int = config.SEED) -> TINPUTinyMLQuantFxModule:
+    """PTQ calibration as TI's KWS example does it: train() (one epoch), forward passes, eval()."""
+    # train() mode keeps dropout on, so the observed ranges depend on its masks: seed them
+    # (without disturbing the caller's random state) so that calibration is reproducible.
+    with torch.random.fork_rng(), torch.no_grad():   # no_grad: only the observers learn
+        torch.manual_seed(seed)
+        wrapper.train()
+        for i in range(0, len(x), batch_size):
+            wrapper(x[i:i + batch_size])
     wrapper.eval()
-    for i in range(0, len(x), batch_size):
-        wrapper(x[i:i + batch_size])
     return wrapper
 
 
 def ptq(model: nn.Module, bits: int, calib_x: torch.Tensor, batch_size: int = 100,
         qconfig_type: dict | None = None) -> TINPUTinyMLPTQFxModule:
-    """Wrap for PTQ at ``bits`` (or an explicit qconfig_type), calibrate on ``calib_x``, convert."""
+    """Wrap a copy (TI's wrapper changes its model in place) for PTQ, calibrate, convert."""
     wrapper = quant_backend().TINPUTinyMLPTQFxModule(
-        model, total_epochs=1, qconfig_type=qconfig_type or qconfig_for(bits),
+        copy.deepcopy(model), total_epochs=1, qconfig_type=qconfig_type or qconfig_for(bits),
         example_inputs=torch.zeros(1, *config.INPUT_SHAPE))
     calibrate(wrapper, calib_x, batch_size)
     wrapper.convert()   # freezes the observers: later evaluations cannot move the ranges
     return wrapper
 
 
+def qat_fit(wrapper: TINPUTinyMLQATFxModule, feats: Any, epochs: int, lr: float, batch_size: int,
+            generator: torch.Generator) -> training.History:
+    """The QAT loop of notebook 04, as TI's example trains: train() per epoch, SGD, cosine."""
+    steps = -(-len(feats.train_y) // batch_size)
+    optimizer, scheduler = training.make_optimizer(wrapper, lr, epochs, steps)
+    loss_fn = nn.CrossEntropyLoss()
+    history = training.History()
+    for epoch in range(epochs):
+        history.lr.append(optimizer.param_groups[0]["lr"])
+        wrapper.train()   # one call per epoch drives the freezing schedule (BN, then observers)
+        views = feats.train_views[epoch % len(feats.train_views)]
+        total, correct = 0.0, 0
+        for xb, yb in training.Batches(views, feats.train_y, batch_size, shuffle=True,
+                                       generator=generator):
+            optimizer.zero_grad()
+            logits = wrapper(xb)
+            loss = loss_fn(logits, yb)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            total += loss.item() * len(yb)
+            correct += (logits.argmax(1) == yb).sum().item()
+        val = training.evaluate(wrapper, feats.val_x, feats.val_y, loss_fn=loss_fn)   # eval() mode
+        history.train_loss.append(total / len(feats.train_y))
+        history.train_acc.append(correct / len(feats.train_y))
+        history.val_loss.append(val.loss)
+        history.val_acc.append(val.accuracy)
+    return history
+
+
 def qat(model: nn.Module, bits: int, feats: Any, epochs: int, lr: float, batch_size: int,
         seed: int = config.SEED) -> tuple[TINPUTinyMLQATFxModule, Any]:
-    """Fine-tune a QAT wrapper with the float recipe (``training.fit``), convert; (wrapper, history)."""
+    """Fine-tune a QAT wrapper with ``qat_fit`` (notebook 04's loop), convert; (wrapper, history)."""
     wrapper = quant_backend().TINPUTinyMLQATFxModule(
-        model, total_epochs=epochs, qconfig_type=qconfig_for(bits),
+        copy.deepcopy(model), total_epochs=epochs, qconfig_type=qconfig_for(bits),
         example_inputs=torch.zeros(1, *config.INPUT_SHAPE))
     stable_conv_bn(wrapper)
-    # channels_last=False: the per-channel fake quantizers run faster in the default layout
-    history = training.fit(wrapper, feats.train_views, feats.train_y, feats.val_x, feats.val_y,
-                           epochs=epochs, lr=lr, batch_size=batch_size,
-                           generator=training.set_seed(seed), channels_last=False)
-    wrapper.convert()   # raises FloatingPointError if the fine-tuning diverged
+    history = qat_fit(wrapper, feats, epochs, lr, batch_size, training.set_seed(seed))
+    wrapper.convert()   # raises FloatingPointError if the fine-tuning diverged (course backend)
     return wrapper, history
+
+
+def is_ti(wrapper: nn.Module) -> bool:
+    """True for a wrapper of TI's tinyml_torchmodelopt, False for kws_utils.quant's."""
+    return type(wrapper).__module__.startswith("tinyml_torchmodelopt")
+
+
+def integer_module(wrapper: TINPUTinyMLQuantFxModule) -> nn.Module:
+    """The converted integer model as a PyTorch module, whichever backend made the wrapper."""
+    # TI's convert() turns the wrapper itself into the integer model; ours builds an IntegerModel.
+    return wrapper if is_ti(wrapper) else wrapper.integer_model
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """Silence torch's ONNX exporter chatter (opset notes, deprecation warnings) for one export."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def export_integer(wrapper: TINPUTinyMLQuantFxModule, path: str | Path,
+                   example: torch.Tensor | None = None) -> Path:
+    """Export a converted wrapper (either backend) as TINPU integer ONNX, written atomically."""
+    example = torch.zeros(1, *config.INPUT_SHAPE) if example is None else example[:1]
+    with files.atomic_path(path) as tmp:
+        leftover = tmp.with_name(tmp.name + ".data")
+        try:
+            with _quiet_exporter():
+                # TI's export fixes the batch to the example's unless the axis is declared dynamic.
+                wrapper.export(example, str(tmp), input_names=["input"], output_names=["logits"],
+                               dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+        finally:
+            # torch's exporter leaves the weights of its first draft beside the file; the
+            # simplified file TI saves over it holds its own weights, so the draft is garbage.
+            leftover.unlink(missing_ok=True)
+        onnx.checker.check_model(str(tmp))   # fails if the file still pointed at external data
+    return Path(path)
 
 
 def stable_conv_bn(wrapper: TINPUTinyMLQuantFxModule) -> TINPUTinyMLQuantFxModule:
@@ -132,19 +210,19 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     return (preds == y).float().mean().item()
 
 
-def onnx_check(int_model: IntegerModel, path: str | Path, x: torch.Tensor,
+def onnx_check(int_module: nn.Module, path: str | Path, x: torch.Tensor,
                y: torch.Tensor) -> tuple[float, bool]:
-    """(accuracy of the ONNX file under onnxruntime, outputs identical to ``int_model``'s)."""
+    """(accuracy of the ONNX file under onnxruntime, outputs identical to ``int_module``'s)."""
     onnx_out = kws_export.onnx_predict(path, x)
+    int_module.eval()
     with torch.no_grad():
-        torch_out = torch.cat([int_model(x[i:i + 500]) for i in range(0, len(x), 500)]).numpy()
+        torch_out = torch.cat([int_module(x[i:i + 500]) for i in range(0, len(x), 500)]).numpy()
     return float((onnx_out.argmax(1) == y.numpy()).mean()), bool(np.array_equal(onnx_out, torch_out))
 
 
-def packed_weight_bytes(int_model: IntegerModel) -> int:
-    """Bytes of all conv/linear weights packed at the model's bit width (biases not counted)."""
-    return sum(math.ceil(l.weight.size * l.weight_bits / 8) for l in int_model.layers
-               if l.weight is not None)
+def packed_weight_bytes(source: str | Path | tinpu_onnx.NpuModel) -> int:
+    """Bytes of all conv/linear weights of an integer ONNX file, packed at each layer's width."""
+    return tinpu_onnx.packed_weight_bytes(source)
 
 
 @dataclass
@@ -154,32 +232,44 @@ class VariantResult:
     bits: int
     method: str
     wrapper: TINPUTinyMLQuantFxModule
-    int_model: IntegerModel
+    int_module: nn.Module       # the converted integer model (PyTorch), from either backend
+    npu: tinpu_onnx.NpuModel    # the integers as read back from the exported ONNX file
     onnx_path: Path
     seconds: float              # calibration (PTQ) or fine-tuning (QAT), plus convert()
     history: Any | None         # training.History of the QAT fine-tuning (None for PTQ)
     fake_quant_acc: float       # the wrapper (fake quantization in float) on the test set
-    int_acc: float              # the PyTorch IntegerModel on the test set
+    int_acc: float              # the PyTorch integer model on the test set
     onnx_acc: float             # the exported ONNX file under onnxruntime on the test set
-    onnx_identical: bool        # ONNX outputs == IntegerModel outputs, bit for bit
+    onnx_identical: bool        # ONNX outputs == PyTorch integer outputs, bit for bit
 
 
 def quantize_variant(model: nn.Module, feats: Any, bits: int, method: str,
                      prof: config.Profile | None = None) -> VariantResult:
-    """PTQ (seeded validation subset) or QAT (fit at qat_lr), convert, export, check on the test set."""
+    """PTQ (seeded validation subset) or QAT (qat_fit at qat_lr), convert, export, check on test."""
     prof = prof or config.profile()
     start = time.perf_counter()
     if method == "ptq":
-        wrapper, history = ptq(model, bits, calibration_subset(feats.val_x, prof.calib_clips)), None
+        wrapper = quant_backend().TINPUTinyMLPTQFxModule(
+            copy.deepcopy(model), total_epochs=1, qconfig_type=qconfig_for(bits),
+            example_inputs=torch.zeros(1, *config.INPUT_SHAPE))
+        calibrate(wrapper, calibration_subset(feats.val_x, prof.calib_clips))
+        history = None
     elif method == "qat":
-        wrapper, history = qat(model, bits, feats, prof.qat_epochs, prof.qat_lr, prof.batch_size)
+        wrapper = quant_backend().TINPUTinyMLQATFxModule(
+            copy.deepcopy(model), total_epochs=prof.qat_epochs, qconfig_type=qconfig_for(bits),
+            example_inputs=torch.zeros(1, *config.INPUT_SHAPE))
+        stable_conv_bn(wrapper)
+        history = qat_fit(wrapper, feats, prof.qat_epochs, prof.qat_lr, prof.batch_size,
+                          training.set_seed(config.SEED))
     else:
         raise ValueError(f"method {method!r}: use one of {QUANT_METHODS}.")
+    # TI's convert() replaces the fake-quantized model in place: measure it first.
+    fake_acc = accuracy(wrapper, feats.test_x, feats.test_y)
+    wrapper.convert()
     seconds = time.perf_counter() - start
-    int_model = wrapper.integer_model
-    path = wrapper.export(feats.test_x[:1], variant_onnx_path(bits, method), input_names=["input"],
-                          output_names=["logits"])
-    onnx_acc, identical = onnx_check(int_model, path, feats.test_x, feats.test_y)
-    return VariantResult(bits, method, wrapper, int_model, path, seconds, history,
-                         accuracy(wrapper, feats.test_x, feats.test_y),
-                         accuracy(int_model, feats.test_x, feats.test_y), onnx_acc, identical)
+    int_mod = integer_module(wrapper)
+    path = export_integer(wrapper, variant_onnx_path(bits, method), feats.test_x)
+    onnx_acc, identical = onnx_check(int_mod, path, feats.test_x, feats.test_y)
+    return VariantResult(bits, method, wrapper, int_mod, tinpu_onnx.load_integer_onnx(path), path,
+                         seconds, history, fake_acc, accuracy(int_mod, feats.test_x, feats.test_y),
+                         onnx_acc, identical)
