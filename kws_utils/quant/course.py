@@ -81,11 +81,11 @@ def calibrate(wrapper: TINPUTinyMLQuantFxModule, x: torch.Tensor, batch_size: in
     """PTQ calibration as TI's KWS example does it: train() (one epoch), forward passes, eval()."""
     # train() mode keeps dropout on, so the observed ranges depend on its masks: seed them
     # (without disturbing the caller's random state) so that calibration is reproducible.
-    with torch.random.fork_rng(), torch.no_grad():   # no_grad: only the observers learn
-        torch.manual_seed(seed)
+    with torch.random.fork_rng(), torch.no_grad(), training.on_device(wrapper) as device:
+        torch.manual_seed(seed)     # no_grad above: only the observers learn
         wrapper.train()
         for i in range(0, len(x), batch_size):
-            wrapper(x[i:i + batch_size])
+            wrapper(x[i:i + batch_size].to(device))
     wrapper.eval()
     return wrapper
 
