@@ -28,7 +28,7 @@ def _net() -> model.DSCNN:
     return net.eval()
 
 
-def _inputs(n: int = 64, seed: int = 1) -> torch.Tensor:
+def _inputs(n: int = 32, seed: int = 1) -> torch.Tensor:
     """Random inputs on the scale of the course's MFCC features."""
     return torch.randn(n, *config.INPUT_SHAPE, generator=torch.Generator().manual_seed(seed)) * 8
 

@@ -57,4 +57,4 @@ from kws_utils.quant.course import (QUANT_METHODS, VariantResult, accuracy, cali
                                     calibration_subset, fake_quantize_weight, fold_batchnorm,
                                     onnx_check, packed_weight_bytes, ptq, qat, quantize_variant,
                                     schedule_state, stable_conv_bn, variant_onnx_path)
-from kws_utils.quant.rounding import LayerRounding, layer_errors, learn_rounding
+from kws_utils.quant.rounding import LayerRounding, layer_errors, learn_rounding, ptq_learned

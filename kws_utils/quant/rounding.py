@@ -28,6 +28,7 @@ from torch.ao.quantization import FakeQuantize, disable_fake_quant, disable_obse
 from tqdm.auto import tqdm
 
 from kws_utils import config
+from kws_utils.quant import course, qconfig, wrappers
 
 # Rectified sigmoid of AdaRound: stretched to (GAMMA, ZETA) and clipped to [0, 1], so that the
 # rounding variable can reach exactly 0 or 1 with a non-zero gradient on the way.
@@ -134,6 +135,16 @@ def _capture(module: nn.Module, names: list[str], inputs: torch.Tensor, kind: st
             h.remove()
         module.train(was_training)
     return {n: torch.cat(v) for n, v in found.items()}
+
+
+@torch.no_grad()
+def _run(mod: nn.Module, x: torch.Tensor, batch_size: int = 250) -> torch.Tensor:
+    """The layer's own (fake-quantized) forward over ``x``, in eval mode."""
+    was_training = mod.training
+    mod.eval()
+    out = torch.cat([mod(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+    mod.train(was_training)
+    return out
 
 
 def float_copy(module: nn.Module) -> nn.Module:
@@ -272,13 +283,13 @@ def learn_rounding(wrapper: nn.Module, inputs: torch.Tensor, iters: int = 1000,
             # the input the quantized network really produces, with earlier layers already learned
             x = _capture(module, [name], inputs, "input")[name]
             nearest = integer_weight(mod)
-            before = _relative_mse(_capture(module, [name], inputs, "output")[name], targets[name])
+            before = _relative_mse(_run(mod, x), targets[name])
             with torch.enable_grad():
                 q, scale, bias = _learn_layer(mod, x, targets[name], iters, batch_size, lr, reg,
                                               gen, bar)
             saved = copy.deepcopy(mod.state_dict())
             _write_back(mod, q, scale, bias)
-            after = _relative_mse(_capture(module, [name], inputs, "output")[name], targets[name])
+            after = _relative_mse(_run(mod, x), targets[name])
             if after > before:   # too few steps to settle: keep round-to-nearest for this layer
                 mod.load_state_dict(saved)
                 after = before
@@ -299,3 +310,16 @@ def layer_errors(wrapper: nn.Module, inputs: torch.Tensor,
                    "output")
     got = _capture(module, names, inputs, "output")
     return {n: _relative_mse(got[n], ref[n]) for n in names}
+
+
+def ptq_learned(model: nn.Module, bits: int, calib_x: torch.Tensor, iters: int | None = None,
+                progress: bool = True, seed: int = config.SEED) -> nn.Module:
+    """Like ``quant.ptq``, with learned rounding between calibration and convert()."""
+    wrapper = wrappers.TINPUTinyMLPTQFxModule(
+        model, total_epochs=1, qconfig_type=qconfig.qconfig_for(bits),
+        example_inputs=torch.zeros(1, *config.INPUT_SHAPE))
+    course.calibrate(wrapper, calib_x)
+    learn_rounding(wrapper, calib_x, iters=iters or config.profile().rounding_iters,
+                   progress=progress, seed=seed)
+    wrapper.convert()
+    return wrapper
