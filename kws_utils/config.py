@@ -74,6 +74,7 @@ class Profile:
     qat_epochs: int              # QAT fine-tuning epochs per variant
     qat_lr: float                # QAT initial learning rate; 0.005 made 2-bit QAT collapse
     calib_clips: int             # PTQ calibration clips from the validation set
+    rounding_iters: int = 1000   # learned-rounding (quant.learn_rounding) steps per layer
 
 
 PROFILES = {
@@ -82,7 +83,7 @@ PROFILES = {
                        calib_clips=1000),
     "ci": Profile("ci", synth_speakers=60, synth_test_per_class=40, epochs=8,
                   batch_size=100, lr=0.05, aug_views=2, qat_epochs=2, qat_lr=0.002,
-                  calib_clips=200),
+                  calib_clips=200, rounding_iters=100),
 }
 
 

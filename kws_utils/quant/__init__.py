@@ -68,3 +68,4 @@ from kws_utils.quant.course import (QUANT_METHODS, VariantResult, accuracy, cali
                                     fold_batchnorm, integer_module, is_ti, onnx_check,
                                     packed_weight_bytes, ptq, qat, qat_fit, quantize_variant,
                                     schedule_state, stable_conv_bn, variant_onnx_path)
+from kws_utils.quant.rounding import LayerRounding, layer_errors, learn_rounding, ptq_learned
