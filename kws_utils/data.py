@@ -594,7 +594,7 @@ def class_weights(counts: np.ndarray) -> torch.Tensor:
     counts = np.asarray(counts, dtype=np.float64)
     if (counts <= 0).any():
         empty = [config.LABELS[i] for i in np.nonzero(counts <= 0)[0]]
-        raise ValueError(f"classes {empty} have no clips: a split without them cannot be "
+        raise InputError(f"classes {empty} have no clips: a split without them cannot be "
                          "weighted (wrong dataset folder?).")
     weights = 1.0 / counts
     return torch.tensor(weights / weights.mean(), dtype=torch.float32)

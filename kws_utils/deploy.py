@@ -25,6 +25,7 @@ from onnx import numpy_helper
 from torch import nn
 
 from kws_utils import config, export, model as kws_model, quant, streaming
+from kws_utils import files
 
 OPS = ("conv", "avgpool", "linear")
 _NODE_OPS = {"Conv": "conv", "Gemm": "linear", "ReduceSum": "avgpool"}
@@ -227,10 +228,7 @@ def header_text(source: str | Path | quant.IntegerModel, guard: str = "KWS_MODEL
 
 def write_header(source: str | Path | quant.IntegerModel, path: str | Path) -> Path:
     """Write the C header of an integer model (ONNX file or IntegerModel) to ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(header_text(source))
-    return path
+    return files.write_text(path, header_text(source))   # atomic: never a truncated header
 
 
 @dataclass

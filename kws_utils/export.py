@@ -19,7 +19,8 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
-from kws_utils import config
+from kws_utils import config, files
+from kws_utils.errors import FileFormatError, InputError, InputTypeError, MissingFileError
 from kws_utils.model import check_input
 
 _ONNX_INT = {torch.int8: TensorProto.INT8, torch.uint8: TensorProto.UINT8,
@@ -37,33 +38,55 @@ def export_onnx(model: nn.Module, path: str | Path, example: torch.Tensor | None
     example = _default_example() if example is None else example
     check_input(example)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     was_training = model.training
     model.eval()
-    try:
-        # TorchScript exporter: a clean Conv/Relu/Gemm graph for this small CNN, dynamic batch
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(model, (example,), str(path), dynamo=False, input_names=["input"],
-                              output_names=["logits"], opset_version=opset_version,
-                              dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
-    finally:
-        model.train(was_training)
-    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+    # Written and checked under a temporary name: a failure keeps any previous file intact.
+    with files.atomic_path(path) as tmp:
+        try:
+            # TorchScript exporter: a clean Conv/Relu/Gemm graph for this small CNN, dynamic batch
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                torch.onnx.export(model, (example,), str(tmp), dynamo=False, input_names=["input"],
+                                  output_names=["logits"], opset_version=opset_version,
+                                  dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+        finally:
+            model.train(was_training)
+        onnx.checker.check_model(onnx.load(str(tmp)), full_check=True)
     return path
 
 
 def _session(path: str | Path) -> ort.InferenceSession:
     """A CPU onnxruntime session, with a clear error for a missing file."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"{path} not found: export the model first.")
+    load_onnx(path)     # a clear error for a missing or non-ONNX file, before onnxruntime's
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def load_onnx(path: str | Path) -> onnx.ModelProto:
+    """Read an ONNX file, with a clear error for a missing, truncated or non-ONNX file."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFileError(f"{path} not found: export the model first.")
+    try:
+        proto = onnx.load(str(path))
+    except Exception as err:  # noqa: BLE001 - protobuf raises DecodeError and others
+        raise FileFormatError(f"{path} is not a readable ONNX file ({type(err).__name__}): it is "
+                              "truncated or of another format. Export the model again.") from None
+    if not proto.graph.node:
+        raise FileFormatError(f"{path} holds no ONNX graph (empty or another format). Export the "
+                              "model again.")
+    return proto
 
 
 def onnx_predict(path: str | Path, x: torch.Tensor | np.ndarray, batch_size: int = 256) -> np.ndarray:
     """Run an ONNX model over a whole input set (N, 1, 49, 10) in batches; stacked outputs."""
-    x_t = torch.as_tensor(x, dtype=torch.float32)
+    try:
+        x_t = torch.as_tensor(x, dtype=torch.float32)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise InputTypeError(f"x must be a numeric array (N, 1, 49, 10), got {type(x).__name__} "
+                             f"({err}).") from None
     check_input(x_t)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise InputError(f"batch_size={batch_size!r}: give a whole number of inputs >= 1.")
     session = _session(path)
     name = session.get_inputs()[0].name
     batches = [session.run(None, {name: x_t[i:i + batch_size].numpy()})[0]
@@ -80,7 +103,7 @@ def _shape_text(value: onnx.ValueInfoProto) -> str:
 
 def graph_summary(path: str | Path) -> str:
     """A text table of the ONNX graph's nodes: op, name, output shapes, initializer shapes."""
-    proto = onnx.shape_inference.infer_shapes(onnx.load(str(path)))
+    proto = onnx.shape_inference.infer_shapes(load_onnx(path))
     graph = proto.graph
     shapes = {v.name: _shape_text(v) for v in [*graph.input, *graph.value_info, *graph.output]}
     inits = {i.name: "x".join(map(str, i.dims)) or "scalar" for i in graph.initializer}
@@ -197,8 +220,7 @@ def _save(g: _GraphBuilder, name: str, in_name: str, input_shape: tuple, out_nam
     helper.set_model_props(proto, {OUTPUT_SCALE_KEY: repr(float(output_scale))})
     onnx.checker.check_model(proto, full_check=True)
     path = Path(filename)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(proto, str(path))
+    files.write_bytes(path, proto.SerializeToString())
     return path
 
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from kws_utils import config, files
-from kws_utils.errors import FileFormatError, MissingFileError
+from kws_utils.errors import FileFormatError, InputError, InputTypeError, MissingFileError
 
 
 class DSCNN(nn.Module):
@@ -47,8 +47,14 @@ class DSCNN(nn.Module):
 
 def check_input(x: torch.Tensor) -> None:
     """Raise a clear error unless ``x`` is a batch of MFCC inputs shaped (N, 1, 49, 10)."""
+    if not isinstance(x, torch.Tensor):
+        raise InputTypeError(f"DS-CNN input must be a torch.Tensor (N, 1, 49, 10), got "
+                             f"{type(x).__name__}; convert with torch.as_tensor(x, dtype=torch.float32).")
+    if not x.is_floating_point():
+        raise InputTypeError(f"DS-CNN input must hold float MFCC values, got dtype {x.dtype}; "
+                             "convert with x.float().")
     if x.dim() != 4 or tuple(x.shape[1:]) != config.INPUT_SHAPE:
-        raise ValueError(f"DS-CNN input must be (N, {', '.join(map(str, config.INPUT_SHAPE))}) "
+        raise InputError(f"DS-CNN input must be (N, {', '.join(map(str, config.INPUT_SHAPE))}) "
                          f"(batch, channel, frames, MFCC coefficients); got {tuple(x.shape)}. "
                          "Add the channel axis with x.unsqueeze(1) for (N, 49, 10) features.")
 

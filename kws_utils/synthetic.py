@@ -29,7 +29,7 @@ from scipy.signal import butter, firwin, resample_poly, sosfilt
 from tqdm.auto import tqdm
 
 from kws_utils import config, files
-from kws_utils.errors import TargetExistsError
+from kws_utils.errors import InputError, TargetExistsError
 
 GENERATOR_VERSION = 1      # bump when the output changes, so old folders are regenerated
 SHARD_SPEAKERS = 10        # speakers per shard: fixed, so the bytes never depend on the workers
@@ -124,7 +124,7 @@ class Espeak:
         self._lib.espeak_ng_SetRandSeed(ctypes.c_long(noise_seed))
         _LIBC.srand(noise_seed)
         if self._lib.espeak_SetVoiceByName(voice.encode()) != 0:
-            raise ValueError(f"espeak-ng has no voice {voice!r}.")
+            raise InputError(f"espeak-ng has no voice {voice!r}.")
         for param, value in ((self._RATE, rate), (self._PITCH, pitch), (self._RANGE, pitch_range),
                              (self._VOLUME, ESPEAK_VOLUME)):
             self._lib.espeak_SetParameter(param, int(value), 0)
@@ -160,7 +160,7 @@ def which_set(filename: str, validation_percent: int = config.VALIDATION_PERCENT
 def split_quotas(n_speakers: int) -> dict[str, int]:
     """How many speakers each split gets: about 80/10/10, at least one per split."""
     if n_speakers < 3:
-        raise ValueError(f"need at least 3 synthetic speakers (one per split), got {n_speakers}.")
+        raise InputError(f"need at least 3 synthetic speakers (one per split), got {n_speakers}.")
     n_val = max(1, round(n_speakers * config.VALIDATION_PERCENT / 100))
     n_test = max(1, round(n_speakers * config.TESTING_PERCENT / 100))
     return {"training": n_speakers - n_val - n_test, "validation": n_val, "testing": n_test}
@@ -337,7 +337,7 @@ def make_noise(kind: str, n: int, rng: np.random.Generator) -> np.ndarray:
               "fan_hum": lambda: _fan_hum(n, rng),
               "doing_the_dishes": lambda: _dishes(n, rng)}
     if kind not in makers:
-        raise ValueError(f"unknown noise kind {kind!r}; use one of {NOISE_KINDS}.")
+        raise InputError(f"unknown noise kind {kind!r}; use one of {NOISE_KINDS}.")
     wave = makers[kind]()
     return wave / wave.std()
 
