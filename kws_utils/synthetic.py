@@ -12,16 +12,20 @@ the library: same seed, same bytes, whatever the number of worker processes.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import json
 import multiprocessing as mp
 import re
 import shutil
+import signal
 import tempfile
+import threading
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import soundfile as sf
@@ -54,6 +58,28 @@ STREAM_SPEAKER_IDS, STREAM_SPEAKER, STREAM_CLIP, STREAM_NOISE, STREAM_TEST = ran
 
 
 # ----------------------------------------------------------------------------- espeak-ng
+@contextlib.contextmanager
+def _sigint_deferred() -> Iterator[list[bool]]:
+    """Record Ctrl-C during synthesis and deliver it afterwards, outside the C callback.
+
+    A KeyboardInterrupt raised inside a ctypes callback (even on its first line) is printed and
+    dropped by ctypes. So while espeak runs, SIGINT only sets a flag, which makes the callback
+    stop espeak; the interrupt is raised once espeak_Synth has returned.
+    """
+    pressed: list[bool] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield pressed          # signal handlers can only be set in the main thread
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, lambda *_: pressed.append(True))
+    try:
+        yield pressed
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if pressed and callable(previous):
+        previous(signal.SIGINT, None)     # the default handler raises KeyboardInterrupt
+
+
 _LIBC = ctypes.CDLL(None)
 
 
@@ -78,6 +104,7 @@ class Espeak:
                                          ctypes.c_int, ctypes.c_void_p)
         self._chunks: list[np.ndarray] = []
         self._pending: BaseException | None = None     # raised in the callback, re-raised later
+        self._interrupted: list[bool] = []              # Ctrl-C seen during synthesis
         self._callback = callback_type(self._collect)    # keep a reference: C holds a pointer
         data_parent = str(Path(espeakng_loader.get_data_path()).parent).encode()
         self.sample_rate = self._lib.espeak_Initialize(self._SYNCHRONOUS, 0, data_parent, 0)
@@ -109,6 +136,8 @@ class Espeak:
         # ctypes prints and drops any exception raised in a callback, Ctrl-C included: keep it,
         # stop espeak (return 1) and raise it again once espeak_Synth has returned.
         try:
+            if self._interrupted:
+                return 1
             if wav and n > 0:
                 self._chunks.append(np.ctypeslib.as_array(wav, shape=(n,)).copy())
         except BaseException as exc:  # noqa: BLE001 - re-raised in speak()
@@ -131,8 +160,9 @@ class Espeak:
         self._chunks.clear()
         self._pending = None
         encoded = text.encode()
-        status = self._lib.espeak_Synth(encoded, len(encoded) + 1, 0, self._POS_CHARACTER, 0,
-                                        self._CHARS_UTF8, None, None)
+        with _sigint_deferred() as self._interrupted:
+            status = self._lib.espeak_Synth(encoded, len(encoded) + 1, 0, self._POS_CHARACTER, 0,
+                                            self._CHARS_UTF8, None, None)
         if self._pending is not None:
             pending, self._pending = self._pending, None
             raise pending
