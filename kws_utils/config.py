@@ -9,6 +9,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from kws_utils.errors import ConfigError
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # A plain (non-editable) pip install, as in Colab, has no repository around the package: data and
 # outputs then go under the working folder rather than into site-packages.
@@ -57,7 +59,23 @@ N_MFCC = 10
 N_FRAMES = 1 + (CLIP_SAMPLES - FRAME_LENGTH) // FRAME_STEP
 INPUT_SHAPE = (1, N_FRAMES, N_MFCC)   # (channels, frames, coefficients) of one model input
 
-SEED = int(os.environ.get("KWS_SEED", "0"))
+
+
+def _env_int(name: str, default: int) -> int:
+    """An integer environment variable, with an error naming it when it is not a whole number."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError(f"{name}={text!r} is not a whole number: set it to an integer such as "
+                          f"{default}, or unset it.") from None
+
+
+SEED = _env_int("KWS_SEED", 0)
+if not 0 <= SEED < 2**32:
+    raise ConfigError(f"KWS_SEED={SEED} is out of range: use a whole number from 0 to 2**32 - 1.")
 
 
 @dataclass(frozen=True)
@@ -91,7 +109,7 @@ def profile() -> Profile:
     """The active profile, from KWS_PROFILE (``default`` or ``ci``)."""
     name = os.environ.get("KWS_PROFILE", "default")
     if name not in PROFILES:
-        raise ValueError(f"KWS_PROFILE={name!r} is not a profile; use one of {sorted(PROFILES)}.")
+        raise ConfigError(f"KWS_PROFILE={name!r} is not a profile; use one of {sorted(PROFILES)}.")
     return PROFILES[name]
 
 
@@ -99,7 +117,7 @@ def dataset_choice() -> str:
     """Which dataset to use, from KWS_DATASET: ``real``, ``synthetic`` or ``auto`` (default)."""
     choice = os.environ.get("KWS_DATASET", "auto")
     if choice not in ("real", "synthetic", "auto"):
-        raise ValueError(f"KWS_DATASET={choice!r}: use 'real', 'synthetic' or 'auto'.")
+        raise ConfigError(f"KWS_DATASET={choice!r}: use 'real', 'synthetic' or 'auto'.")
     return choice
 
 
@@ -218,7 +236,7 @@ def quant_backend_choice() -> str:
     """Quantization package for the notebooks, from KWS_QUANT_BACKEND: ``course`` (default) or ``ti``."""
     choice = os.environ.get("KWS_QUANT_BACKEND", "course")
     if choice not in ("course", "ti"):
-        raise ValueError(f"KWS_QUANT_BACKEND={choice!r}: use 'course' (kws_utils.quant) or 'ti' "
+        raise ConfigError(f"KWS_QUANT_BACKEND={choice!r}: use 'course' (kws_utils.quant) or 'ti' "
                          "(TI's tinyml_torchmodelopt, if installed).")
     return choice
 

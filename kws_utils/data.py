@@ -30,28 +30,55 @@ from tqdm.auto import tqdm
 
 from kws_utils import config, synthetic
 from kws_utils.files import atomic_path
+from kws_utils.errors import (FileFormatError, InputError, InputTypeError, KWSError,
+                              MissingFileError)
 
 KWS01_SCALE = 0.5847029   # input scale of the MLPerf reference TFLite model
 KWS01_ZERO_POINT = 83
 
 
-class AudioError(ValueError):
-    """A wav file that cannot be used as a clip (corrupt, truncated, empty)."""
+class AudioError(FileFormatError):
+    """A wav file that cannot be used as a clip (corrupt, truncated, empty, non-finite)."""
+
+
+def _check_sample_rate(sample_rate: object) -> int:
+    """The target sample rate as an int, or a clear error unless it is a positive whole number."""
+    if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, np.integer)):
+        raise InputTypeError(f"sample_rate={sample_rate!r}: give the rate in Hz as a whole number "
+                             f"(e.g. {config.SAMPLE_RATE}).")
+    if not 1 <= sample_rate <= 1_000_000:
+        raise InputError(f"sample_rate={sample_rate}: a sample rate must be a positive number of "
+                         f"Hz (e.g. {config.SAMPLE_RATE}).")
+    return int(sample_rate)
 
 
 def load_audio(path: str | Path, sample_rate: int = config.SAMPLE_RATE) -> np.ndarray:
     """Read a wav file as mono int16 at ``sample_rate`` (resampled, mixed down), any length."""
+    sample_rate = _check_sample_rate(sample_rate)
     path = Path(path)
+    if not path.is_file():
+        raise MissingFileError(f"{path}: no such audio file. Check the path (or prepare the "
+                               "dataset again).")
     try:
-        data, rate = sf.read(str(path), dtype="int16", always_2d=True)
-    except (sf.LibsndfileError, RuntimeError) as err:
+        # float64 reads every subtype (int, float, u-law...) at its true level in [-1, 1].
+        data, rate = sf.read(str(path), dtype="float64", always_2d=True)
+    except (sf.LibsndfileError, RuntimeError, TypeError) as err:
         raise AudioError(f"{path}: not a readable wav file ({err}). Delete it or re-extract the "
                          "dataset archive.") from err
     if data.shape[0] == 0:
         raise AudioError(f"{path}: the file holds no samples. Delete it or re-extract the dataset.")
+    if data.shape[1] > 2:
+        raise AudioError(f"{path}: {data.shape[1]} channels; the course reads mono or stereo "
+                         "clips. Mix it down to mono first (e.g. with sox or audacity).")
+    if not np.isfinite(data).all():
+        raise AudioError(f"{path}: holds NaN or infinite samples, so it has no defined level. "
+                         "Re-export the recording or delete it.")
+    peak = float(np.abs(data).max())
+    if peak > 1.0:
+        raise AudioError(f"{path}: float samples reach {peak:.3g}, beyond full scale (1.0), so "
+                         "they cannot become int16 without clipping. Normalise it to [-1, 1].")
     _check_not_truncated(path, data.shape[0])
-    # Mix stereo down in int32 so that two loud channels cannot overflow int16.
-    mono = data.astype(np.int32).mean(axis=1)
+    mono = data.mean(axis=1) * 32768.0
     if rate != sample_rate:
         gcd = np.gcd(rate, sample_rate)
         mono = resample_poly(mono, sample_rate // gcd, rate // gcd)
@@ -91,6 +118,12 @@ def _check_not_truncated(path: Path, frames: int) -> None:
 
 def fix_length(wave: np.ndarray, length: int = config.CLIP_SAMPLES) -> np.ndarray:
     """Zero-pad a shorter clip at the end or crop a longer one to ``length`` samples."""
+    if isinstance(length, bool) or not isinstance(length, (int, np.integer)) or length < 1:
+        raise InputError(f"length={length!r}: give the clip length as a positive whole number of "
+                         f"samples (e.g. {config.CLIP_SAMPLES}).")
+    wave = np.asarray(wave)
+    if wave.ndim == 0:
+        raise InputError("wave is a single number: pass a clip (T,) or a batch of clips (N, T).")
     if wave.shape[-1] >= length:
         return wave[..., :length]
     pad = [(0, 0)] * (wave.ndim - 1) + [(0, length - wave.shape[-1])]
@@ -105,26 +138,49 @@ def load_kws01(folder: str | Path | None = None) -> tuple[torch.Tensor, torch.Te
     folder = Path(folder)
     labels_csv = folder / "y_labels.csv"
     if not labels_csv.is_file():
-        raise FileNotFoundError(f"{labels_csv} not found: point to the kws01 folder of the MLPerf "
+        raise MissingFileError(f"{labels_csv} not found: point to the kws01 folder of the MLPerf "
                                 "artifacts (KWS_MLPERF_DIR), which holds y_labels.csv and the .bin files.")
     names, labels, feats = [], [], []
-    with labels_csv.open() as fh:
-        for row in csv.reader(fh):
-            if not row:
+    with labels_csv.open(newline="") as fh:
+        for line, row in enumerate(csv.reader(fh), start=1):
+            if not row or (parsed := _kws01_row(labels_csv, line, row)) is None:
                 continue
-            name, n_classes, label = row[0], int(row[1]), int(row[2])
-            if n_classes != len(config.LABELS) or not 0 <= label < n_classes:
-                raise ValueError(f"{labels_csv}: row {row} is not a 12-class kws01 label.")
+            name, label = parsed
+            if not (folder / name).is_file():
+                raise MissingFileError(f"{folder / name}: named in {labels_csv} line {line} but "
+                                       "missing; copy the complete kws01 folder again.")
             raw = (folder / name).read_bytes()
             if len(raw) != config.N_FRAMES * config.N_MFCC:
-                raise ValueError(f"{folder / name}: {len(raw)} bytes, expected "
+                raise FileFormatError(f"{folder / name}: {len(raw)} bytes, expected "
                                  f"{config.N_FRAMES * config.N_MFCC} (49 x 10 int8 MFCC).")
             feats.append(np.frombuffer(raw, dtype=np.int8))
             labels.append(label)
             names.append(name)
+    if not feats:
+        raise FileFormatError(f"{labels_csv} lists no inputs: copy the complete kws01 folder "
+                              "(y_labels.csv with one row per .bin file).")
     q = torch.from_numpy(np.stack(feats).astype(np.float32))
     x = ((q - KWS01_ZERO_POINT) * KWS01_SCALE).reshape(-1, *config.INPUT_SHAPE)
     return x, torch.tensor(labels, dtype=torch.long), names
+
+
+def _kws01_row(labels_csv: Path, line: int, row: list[str]) -> tuple[str, int] | None:
+    """(file name, label) of one y_labels.csv row; None for a header row on line 1."""
+    fields = [field.strip() for field in row]
+    if len(fields) < 3 or not fields[0]:
+        raise FileFormatError(f"{labels_csv} line {line}: {row} has missing fields; each row "
+                              "must be 'file name, 12, label'. Copy the kws01 folder again.")
+    try:
+        n_classes, label = int(fields[1]), int(fields[2])
+    except ValueError:
+        if line == 1:
+            return None    # a column header such as "file,classes,label"
+        raise FileFormatError(f"{labels_csv} line {line}: {row} holds no integer class count "
+                              "and label; each row must be 'file name, 12, label'.") from None
+    if n_classes != len(config.LABELS) or not 0 <= label < n_classes:
+        raise FileFormatError(f"{labels_csv} line {line}: row {row} is not a 12-class kws01 "
+                              "label (expected 12 classes and a label 0-11).")
+    return fields[0], label
 
 
 # =============================================================================== the dataset
@@ -143,7 +199,7 @@ TEST_FOLDERS = {**{w: LABEL_INDEX[w] for w in config.KEYWORDS},
                 config.TEST_UNKNOWN_DIR: config.UNKNOWN_INDEX}
 
 
-class DatasetError(RuntimeError):
+class DatasetError(KWSError, RuntimeError):
     """A dataset folder that is missing, incomplete or not in the Speech Commands layout."""
 
 
@@ -251,6 +307,9 @@ def _check_member(member: tarfile.TarInfo, root: Path) -> None:
 def extract(archive: Path, target: Path, marker: dict) -> Path:
     """Safely extract a tar archive into ``target`` via a temp folder, marker written last."""
     target = Path(target)
+    if not Path(archive).is_file():
+        raise MissingFileError(f"{archive}: no such archive; download it first.")
+    synthetic.check_replaceable(target)    # never delete or rename what the course did not make
     partial = synthetic.fresh_partial(target)
     try:
         with tarfile.open(archive) as tar:
@@ -265,7 +324,10 @@ def extract(archive: Path, target: Path, marker: dict) -> Path:
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
-    synthetic.finish_folder(partial, target, dict(marker))
+    try:
+        synthetic.finish_folder(partial, target, dict(marker))
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
     return target
 
 
@@ -533,7 +595,7 @@ def class_weights(counts: np.ndarray) -> torch.Tensor:
     counts = np.asarray(counts, dtype=np.float64)
     if (counts <= 0).any():
         empty = [config.LABELS[i] for i in np.nonzero(counts <= 0)[0]]
-        raise ValueError(f"classes {empty} have no clips: a split without them cannot be "
+        raise InputError(f"classes {empty} have no clips: a split without them cannot be "
                          "weighted (wrong dataset folder?).")
     weights = 1.0 / counts
     return torch.tensor(weights / weights.mean(), dtype=torch.float32)

@@ -101,8 +101,15 @@ def numpy_reference(source: str | Path | NpuModel, x: np.ndarray | torch.Tensor,
 
 
 # ----------------------------------------------------------------------------- packing
+def _check_bits(bits: object) -> None:
+    """Refuse a weight bit width the NPU packing does not have (8, 4 or 2)."""
+    if bits not in (8, 4, 2) or isinstance(bits, bool):
+        raise ValueError(f"bits={bits!r}: packed weights are 8, 4 or 2 bits wide.")
+
+
 def pack(values: np.ndarray, bits: int) -> np.ndarray:
     """Pack signed weights into bytes: 8 // bits per byte, lowest bits first, two's complement."""
+    _check_bits(bits)
     if bits == 8:
         return np.asarray(values, dtype=np.int8).ravel()
     per_byte, mask = 8 // bits, (1 << bits) - 1
@@ -114,6 +121,7 @@ def pack(values: np.ndarray, bits: int) -> np.ndarray:
 
 def unpack(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
     """Inverse of pack: the first ``count`` signed weights as int8."""
+    _check_bits(bits)
     if bits == 8:
         return np.asarray(packed, dtype=np.int8)[:count]
     per_byte, mask = 8 // bits, (1 << bits) - 1

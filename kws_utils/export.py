@@ -13,8 +13,8 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from kws_utils import config
-from kws_utils.files import atomic_path
+from kws_utils import config, files
+from kws_utils.errors import FileFormatError, InputError, InputTypeError, MissingFileError
 from kws_utils.model import check_input
 
 OUTPUT_SCALE_KEY = "output_scale"  # ONNX metadata: int8 output codes x this = float logits
@@ -33,31 +33,53 @@ def export_onnx(model: nn.Module, path: str | Path, example: torch.Tensor | None
     path = Path(path)
     was_training = model.training
     model.eval()
-    try:
-        with atomic_path(path) as tmp:
+    # Written and checked under a temporary name: a failure keeps any previous file intact.
+    with files.atomic_path(path) as tmp:
+        try:
             # TorchScript exporter: a clean Conv/Relu/Gemm graph for this small CNN, dynamic batch
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 torch.onnx.export(model, (example,), str(tmp), dynamo=False, input_names=["input"],
                                   output_names=["logits"], opset_version=opset_version,
                                   dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
-            onnx.checker.check_model(onnx.load(str(tmp)), full_check=True)
-    finally:
-        model.train(was_training)
+        finally:
+            model.train(was_training)
+        onnx.checker.check_model(onnx.load(str(tmp)), full_check=True)
     return path
 
 
 def _session(path: str | Path) -> ort.InferenceSession:
     """A CPU onnxruntime session, with a clear error for a missing file."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"{path} not found: export the model first.")
+    load_onnx(path)     # a clear error for a missing or non-ONNX file, before onnxruntime's
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def load_onnx(path: str | Path) -> onnx.ModelProto:
+    """Read an ONNX file, with a clear error for a missing, truncated or non-ONNX file."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFileError(f"{path} not found: export the model first.")
+    try:
+        proto = onnx.load(str(path))
+    except Exception as err:  # noqa: BLE001 - protobuf raises DecodeError and others
+        raise FileFormatError(f"{path} is not a readable ONNX file ({type(err).__name__}): it is "
+                              "truncated or of another format. Export the model again.") from None
+    if not proto.graph.node:
+        raise FileFormatError(f"{path} holds no ONNX graph (empty or another format). Export the "
+                              "model again.")
+    return proto
 
 
 def onnx_predict(path: str | Path, x: torch.Tensor | np.ndarray, batch_size: int = 256) -> np.ndarray:
     """Run an ONNX model over a whole input set (N, 1, 49, 10) in batches; stacked outputs."""
-    x_t = torch.as_tensor(x, dtype=torch.float32)
+    try:
+        x_t = torch.as_tensor(x, dtype=torch.float32)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise InputTypeError(f"x must be a numeric array (N, 1, 49, 10), got {type(x).__name__} "
+                             f"({err}).") from None
     check_input(x_t)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise InputError(f"batch_size={batch_size!r}: give a whole number of inputs >= 1.")
     session = _session(path)
     name = session.get_inputs()[0].name
     if session.get_inputs()[0].shape[0] == 1:
@@ -76,7 +98,7 @@ def _shape_text(value: onnx.ValueInfoProto) -> str:
 
 def graph_summary(path: str | Path) -> str:
     """A text table of the ONNX graph's nodes: op, name, output shapes, initializer shapes."""
-    proto = onnx.shape_inference.infer_shapes(onnx.load(str(path)))
+    proto = onnx.shape_inference.infer_shapes(load_onnx(path))
     graph = proto.graph
     shapes = {v.name: _shape_text(v) for v in [*graph.input, *graph.value_info, *graph.output]}
     inits = {i.name: "x".join(map(str, i.dims)) or "scalar" for i in graph.initializer}

@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -31,7 +29,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from kws_utils import config
+from kws_utils import config, files
+from kws_utils.errors import InputError, InputTypeError
 
 LOWER_EDGE_HZ = 20.0      # mel filterbank range of the reference (TF's classic MFCC defaults)
 UPPER_EDGE_HZ = 4000.0
@@ -99,16 +98,43 @@ def hann_window(dtype: torch.dtype = torch.float32) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- input handling
 
-def as_batch(wave: Array) -> tuple[torch.Tensor, bool]:
+def _as_tensor(value: Array, name: str) -> torch.Tensor:
+    """``value`` as a tensor, with an error naming the argument when it is not numeric."""
+    try:
+        return torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise InputTypeError(f"{name} must be a numeric array (numpy or torch), got "
+                             f"{type(value).__name__} ({err}).") from None
+
+
+def as_batch(wave: Array, name: str = "wave") -> tuple[torch.Tensor, bool]:
     """Check a clip (T,) or batch (N, T) and return it as a 2-D tensor plus 'was it one clip'."""
-    tensor = torch.as_tensor(wave)
+    tensor = _as_tensor(wave, name)
     if tensor.ndim not in (1, 2) or tensor.numel() == 0:
-        raise ValueError(f"Expected one clip of shape (T,) or a batch of shape (N, T) with T > 0 "
-                         f"samples, got shape {tuple(tensor.shape)}. Pass the waveform itself "
-                         "(e.g. data.load_audio(path)); stack equal-length clips for a batch.")
+        raise InputError(f"Expected {name} to be one clip of shape (T,) or a batch of shape (N, T) "
+                         f"with T > 0 samples, got shape {tuple(tensor.shape)}. Pass the waveform "
+                         "itself (e.g. data.load_audio(path)); stack equal-length clips for a batch.")
     if tensor.is_complex() or tensor.dtype == torch.bool:
-        raise ValueError(f"Expected an int16 or float waveform, got dtype {tensor.dtype}.")
+        raise InputTypeError(f"Expected {name} as an int16 or float waveform, got dtype "
+                             f"{tensor.dtype}.")
+    if tensor.ndim == 2 and tensor.shape[-1] < config.FRAME_LENGTH:
+        # (16000, 1) or (16000, 2) is one clip laid out as (samples, channels), not 16000 clips.
+        raise InputError(f"{name} has shape {tuple(tensor.shape)}: clips of {tensor.shape[-1]} "
+                         f"samples are shorter than one {config.FRAME_LENGTH}-sample frame. "
+                         "Batches are (clips, samples); for a (samples, channels) array pass "
+                         "one mono channel, e.g. wave[:, 0] or wave.mean(axis=1).")
+    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        raise InputError(f"{name} holds NaN or infinite samples; the features would be NaN. "
+                         "Check how the audio was made or loaded.")
     return (tensor[None], True) if tensor.ndim == 1 else (tensor, False)
+
+
+def _check_dtype(dtype: object) -> torch.dtype:
+    """The compute dtype, which must be torch.float32 or torch.float64."""
+    if dtype not in (torch.float32, torch.float64):
+        raise InputTypeError(f"dtype={dtype!r}: compute the features in torch.float32 or "
+                             "torch.float64.")
+    return dtype
 
 
 def fix_length(x: torch.Tensor, length: int = config.CLIP_SAMPLES) -> torch.Tensor:
@@ -165,7 +191,7 @@ def mfcc_from_mel(mel: torch.Tensor) -> torch.Tensor:
 
 def mfcc_from_normalized(x: torch.Tensor, dtype: torch.dtype = COMPUTE_DTYPE) -> torch.Tensor:
     """(..., 16000) normalised float clips -> (..., 49, 10) float32 MFCC, computed in ``dtype``."""
-    return mfcc_from_mel(mel_energies(split_frames(x.to(dtype)))).to(torch.float32)
+    return mfcc_from_mel(mel_energies(split_frames(x.to(_check_dtype(dtype))))).to(torch.float32)
 
 
 def mfcc(wave: Array, dtype: torch.dtype = COMPUTE_DTYPE) -> torch.Tensor:
@@ -178,6 +204,13 @@ def mfcc(wave: Array, dtype: torch.dtype = COMPUTE_DTYPE) -> torch.Tensor:
 def time_shift(clips: torch.Tensor, generator: torch.Generator,
                max_shift_samples: int = MAX_SHIFT_SAMPLES) -> torch.Tensor:
     """Shift each clip (N, T) by a random whole number of samples in [-max, max], zero-filled."""
+    if (isinstance(max_shift_samples, bool) or not isinstance(max_shift_samples, (int, np.integer))
+            or max_shift_samples < 0):
+        raise InputError(f"max_shift_samples={max_shift_samples!r}: give a whole number of "
+                         f"samples >= 0 (the default is {MAX_SHIFT_SAMPLES}, 100 ms).")
+    if not isinstance(generator, torch.Generator):
+        raise InputTypeError(f"generator must be a torch.Generator (e.g. torch.Generator()."
+                             f"manual_seed(0)), got {type(generator).__name__}.")
     n, length = clips.shape
     shift = torch.randint(-max_shift_samples, max_shift_samples + 1, (n, 1), generator=generator)
     source = (torch.arange(length)[None, :] - shift).to(clips.device)
@@ -188,9 +221,12 @@ def time_shift(clips: torch.Tensor, generator: torch.Generator,
 
 def noise_tensor(noise: Array) -> torch.Tensor:
     """One background recording as 1-D float32 in [-1, 1] (int16 is scaled like decode_wav)."""
-    tensor = torch.as_tensor(noise)
+    tensor = _as_tensor(noise, "noise")
+    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        raise InputError("a background noise recording holds NaN or infinite samples; load the "
+                         f"files of {config.BACKGROUND_NOISE_DIR} with data.load_audio.")
     if tensor.ndim != 1 or tensor.shape[0] < config.CLIP_SAMPLES:
-        raise ValueError(f"Each background noise must be 1-D with at least {config.CLIP_SAMPLES} "
+        raise InputError(f"Each background noise must be 1-D with at least {config.CLIP_SAMPLES} "
                          f"samples (1 s), got shape {tuple(tensor.shape)}. Load the files of "
                          f"{config.BACKGROUND_NOISE_DIR} with data.load_audio.")
     if not tensor.is_floating_point():
@@ -202,8 +238,14 @@ def mix_background(clips: torch.Tensor, noise_bank: Sequence[Array], generator: 
                    prob: float = BACKGROUND_FREQUENCY,
                    max_volume: float = BACKGROUND_VOLUME) -> torch.Tensor:
     """Add a random 1 s noise segment at gain U[0, max_volume] to ``prob`` of clips; clip to +-1."""
+    if not 0.0 <= float(prob) <= 1.0:
+        raise InputError(f"prob={prob!r}: the share of clips given noise is a probability in "
+                         f"[0, 1] (default {BACKGROUND_FREQUENCY}).")
+    if not 0.0 <= float(max_volume) < math.inf:
+        raise InputError(f"max_volume={max_volume!r}: the largest noise gain must be a finite "
+                         f"number >= 0 (default {BACKGROUND_VOLUME}).")
     if len(noise_bank) == 0:
-        raise ValueError("noise_bank is empty: pass the background recordings (a list of 1-D "
+        raise InputError("noise_bank is empty: pass the background recordings (a list of 1-D "
                          "arrays), or skip mix_background for no noise.")
     n, length = clips.shape
     which = torch.randint(len(noise_bank), (n,), generator=generator)
@@ -239,10 +281,19 @@ def compute_features(waves: Array, batch_size: int = BATCH_SIZE,
                      augment: tuple[Sequence[Array], torch.Generator] | None = None,
                      desc: str = "MFCC", dtype: torch.dtype = COMPUTE_DTYPE) -> torch.Tensor:
     """Features of (N, T) clips in batches with a progress bar -> float32 (N, 1, 49, 10)."""
-    waves = torch.as_tensor(waves)
+    waves = _as_tensor(waves, "waves")
     if waves.ndim != 2:
-        raise ValueError(f"Expected a batch of clips (N, T), got shape {tuple(waves.shape)}; "
-                         "stack equal-length clips (e.g. data.fix_length) into one array.")
+        raise InputError(f"Expected waves as a batch of clips (N, T), got shape "
+                         f"{tuple(waves.shape)}; stack equal-length clips (e.g. data.fix_length) "
+                         "into one array.")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise InputError(f"batch_size={batch_size!r}: give a whole number of clips >= 1 "
+                         f"(default {BATCH_SIZE}).")
+    if augment is not None and (not isinstance(augment, tuple) or len(augment) != 2):
+        raise InputTypeError("augment must be None or a pair (noise_bank, torch.Generator).")
+    _check_dtype(dtype)
+    if len(waves):
+        as_batch(waves, "waves")     # checks length, dtype and finite values once, up front
     out = torch.empty(len(waves), *config.INPUT_SHAPE)
     for start in tqdm(range(0, len(waves), batch_size), desc=desc, unit="batch"):
         batch = waves[start:start + batch_size]
@@ -258,19 +309,11 @@ def cached(path: Path, build: Callable[[], torch.Tensor | dict]) -> torch.Tensor
     """Load ``path`` if it exists, else build, save atomically (temp file + rename) and return."""
     path = Path(path)
     if path.is_file():
-        return torch.load(path, weights_only=True)
+        return files.load_torch(path, "feature cache")
     value = build()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Write beside the target and rename: a crash mid-write leaves only a stray temp file,
-    # never a truncated file at ``path`` that the next run would load as complete.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(value, fh)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    # atomic_path: a crash mid-write leaves the old state, never a truncated file at ``path``.
+    with files.atomic_path(path) as tmp:
+        torch.save(value, tmp)
     return value
 
 

@@ -54,3 +54,21 @@ def write_bytes(path: str | Path, data: bytes) -> Path:
 def write_text(path: str | Path, text: str) -> Path:
     """Write ``text`` (UTF-8) to ``path`` atomically and return the path."""
     return write_bytes(path, text.encode("utf-8"))
+
+
+def load_torch(path: str | Path, what: str = "file") -> object:
+    """torch.load a file the course wrote (tensors only), with a clear error if it is corrupt."""
+    import torch   # here, so that writing files does not need torch
+
+    from kws_utils.errors import FileFormatError, MissingFileError
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFileError(f"{what} {path} not found: check the path, or run the step that "
+                               "writes it.")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - torch raises many types for a bad file
+        # torch's own message advises weights_only=False, which would run code from the file.
+        raise FileFormatError(f"{path}: this {what} is corrupt, truncated or not saved by the "
+                              f"course ({type(err).__name__}). Delete it and run the step that "
+                              "writes it again; do not load it with weights_only=False.") from None

@@ -7,7 +7,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from kws_utils import config, mlperf
+from kws_utils import config, files, mlperf
+from kws_utils.errors import FileFormatError, InputError, InputTypeError, MissingFileError
 
 
 class DSCNN(nn.Module):
@@ -46,8 +47,14 @@ class DSCNN(nn.Module):
 
 def check_input(x: torch.Tensor) -> None:
     """Raise a clear error unless ``x`` is a batch of MFCC inputs shaped (N, 1, 49, 10)."""
+    if not isinstance(x, torch.Tensor):
+        raise InputTypeError(f"DS-CNN input must be a torch.Tensor (N, 1, 49, 10), got "
+                             f"{type(x).__name__}; convert with torch.as_tensor(x, dtype=torch.float32).")
+    if not x.is_floating_point():
+        raise InputTypeError(f"DS-CNN input must hold float MFCC values, got dtype {x.dtype}; "
+                             "convert with x.float().")
     if x.dim() != 4 or tuple(x.shape[1:]) != config.INPUT_SHAPE:
-        raise ValueError(f"DS-CNN input must be (N, {', '.join(map(str, config.INPUT_SHAPE))}) "
+        raise InputError(f"DS-CNN input must be (N, {', '.join(map(str, config.INPUT_SHAPE))}) "
                          f"(batch, channel, frames, MFCC coefficients); got {tuple(x.shape)}. "
                          "Add the channel axis with x.unsqueeze(1) for (N, 49, 10) features.")
 
@@ -61,9 +68,13 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
     """Load a state dict (or a {'model': state_dict} checkpoint), naming missing or extra keys."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} not found: train the model in notebook 03 "
-                                "or point to the MLPerf reference weights.")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+        raise MissingFileError(f"checkpoint {path} not found: train the model in notebook 03 "
+                               "or point to the MLPerf reference weights.")
+    state = files.load_torch(path, "checkpoint")
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in
+                                              state.get("model", state).values()):
+        raise FileFormatError(f"checkpoint {path} holds no state dict of tensors: save one with "
+                              "training.save_checkpoint or torch.save(model.state_dict(), path).")
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
     expected, given = set(model.state_dict()), set(state)
@@ -71,7 +82,12 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
     if missing or extra:
         raise KeyError(f"checkpoint {path} does not fit {type(model).__name__}: "
                        f"missing keys {missing or 'none'}; unexpected keys {extra or 'none'}.")
-    model.load_state_dict(state, strict=True)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise FileFormatError(f"checkpoint {path} does not fit {type(model).__name__} (tensor "
+                              f"shapes differ: {str(err).splitlines()[-1].strip()}). Load it into "
+                              "the model it was saved from.") from None
     return model
 
 

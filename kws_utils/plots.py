@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from kws_utils import config
+from kws_utils.errors import InputError
 
 SOURCE_TAGS = {
     "real": "real Speech Commands v2",
@@ -19,12 +20,16 @@ SOURCE_TAGS = {
 def source_tag(kind: str) -> str:
     """A short label naming the data a figure or table comes from."""
     if kind not in SOURCE_TAGS:
-        raise ValueError(f"unknown data source {kind!r}; use one of {sorted(SOURCE_TAGS)}.")
+        raise InputError(f"unknown data source {kind!r}; use one of {sorted(SOURCE_TAGS)}.")
     return SOURCE_TAGS[kind]
 
 
 def table(rows: Sequence[Sequence[object]], headers: Sequence[str], title: str = "") -> str:
     """Format rows as a fixed-width text table (numbers right-aligned) for printing."""
+    for i, row in enumerate(rows):
+        if len(row) != len(headers):
+            raise InputError(f"rows[{i}] has {len(row)} cells but there are {len(headers)} "
+                             "headers: give every row one cell per header.")
     cells = [[f"{c:,}" if isinstance(c, (int, np.integer)) and not isinstance(c, bool)
               else f"{c:.4g}" if isinstance(c, (float, np.floating)) else str(c) for c in row]
              for row in rows]
@@ -37,6 +42,12 @@ def table(rows: Sequence[Sequence[object]], headers: Sequence[str], title: str =
 
 def class_counts(counts: dict[str, Sequence[int]], source: str, title: str = "Clips per class") -> plt.Figure:
     """Grouped bar chart of clips per class for each split."""
+    for split, c in counts.items():
+        if len(c) != len(config.LABELS):
+            raise InputError(f"counts[{split!r}] has {len(c)} numbers; give one per class "
+                             f"({len(config.LABELS)}, e.g. data.class_counts(clips)).")
+    if not counts:
+        raise InputError("counts is empty: give {split name: counts per class}.")
     fig, ax = plt.subplots(figsize=(11, 3.8))
     width = 0.8 / len(counts)
     x = np.arange(len(config.LABELS))
@@ -72,6 +83,10 @@ def clip_views(wave: np.ndarray, spectrogram_db: np.ndarray, mfcc: np.ndarray, w
 
 def training_curves(history: object, source: str, title: str = "Float training") -> plt.Figure:
     """Loss and accuracy per epoch for training and validation."""
+    lengths = {len(getattr(history, k)) for k in ("train_loss", "val_loss", "train_acc", "val_acc")}
+    if len(lengths) != 1 or 0 in lengths:
+        raise InputError("history must hold one train/validation loss and accuracy per epoch "
+                         "(a training.History from fit), with at least one epoch.")
     epochs = np.arange(1, len(history.train_loss) + 1)
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.6))
     a.plot(epochs, history.train_loss, "o-", label="train")
@@ -91,6 +106,10 @@ def training_curves(history: object, source: str, title: str = "Float training")
 def confusion(cm: torch.Tensor | np.ndarray, source: str, title: str = "Confusion matrix (test set)") -> plt.Figure:
     """Confusion matrix as row-normalized colours with raw counts written in each cell."""
     cm = np.asarray(cm)
+    n = len(config.LABELS)
+    if cm.shape != (n, n) or (cm < 0).any():
+        raise InputError(f"cm must be a ({n}, {n}) matrix of counts >= 0 (training."
+                         f"confusion_matrix), got shape {cm.shape}.")
     share = cm / np.maximum(cm.sum(1, keepdims=True), 1)
     fig, ax = plt.subplots(figsize=(7.5, 6.5))
     im = ax.imshow(share * 100, cmap="Blues", vmin=0, vmax=100)
@@ -110,6 +129,12 @@ def confusion(cm: torch.Tensor | np.ndarray, source: str, title: str = "Confusio
 
 def mfcc_grid(mfccs: dict[str, np.ndarray | torch.Tensor], source: str, title: str) -> plt.Figure:
     """Several (49, 10) MFCC matrices side by side on one colour scale."""
+    if not mfccs:
+        raise InputError("mfccs is empty: give {name: (49, 10) MFCC matrix}.")
+    for k, v in mfccs.items():
+        if np.asarray(v).size != config.N_FRAMES * config.N_MFCC:
+            raise InputError(f"mfccs[{k!r}] has shape {np.asarray(v).shape}; each must hold one "
+                             f"({config.N_FRAMES}, {config.N_MFCC}) MFCC matrix.")
     arrays = {k: np.asarray(v).reshape(config.N_FRAMES, config.N_MFCC) for k, v in mfccs.items()}
     low, high = min(a.min() for a in arrays.values()), max(a.max() for a in arrays.values())
     fig, axes = plt.subplots(1, len(arrays), figsize=(3.2 * len(arrays), 3.4), squeeze=False,
@@ -136,6 +161,9 @@ def accuracy_vs_weight_bytes(points: Sequence[tuple[str, float, float]], source:
     groups: dict[str, list[tuple[float, float]]] = {}
     ticks: dict[float, str] = {}
     for label, n_bytes, acc in points:
+        if not (0 < n_bytes < np.inf and 0 <= acc <= 1):
+            raise InputError(f"point {label!r}: weight bytes must be > 0 and accuracy a share in "
+                             f"[0, 1], got {n_bytes!r} bytes and {acc!r}.")
         fmt, _, method = label.partition(" ")
         ticks[n_bytes / 1024] = f"{fmt}\n{n_bytes / 1024:.1f} KiB"
         groups.setdefault(method or fmt, []).append((n_bytes / 1024, acc * 100))

@@ -24,6 +24,7 @@ from scipy.signal import resample_poly
 from tqdm.auto import tqdm
 
 from kws_utils import config, data, export, features, plots
+from kws_utils.errors import InputError, InputTypeError
 
 FRAME_MS = 1000 * config.FRAME_STEP // config.SAMPLE_RATE          # 20 ms
 WINDOW_BLOCKS = config.CLIP_SAMPLES // config.FRAME_STEP             # 50 blocks of 20 ms per 1 s
@@ -35,7 +36,7 @@ MATCH_TOLERANCE_S = 1.0   # a decision may come up to this long after its clip e
 def hop_frames(hop_ms: int) -> int:
     """Number of 20 ms frames per hop; rejects hops that are not a positive multiple of 20 ms."""
     if not isinstance(hop_ms, (int, np.integer)) or hop_ms <= 0 or hop_ms % FRAME_MS:
-        raise ValueError(f"hop_ms={hop_ms!r}: the hop must be a positive whole multiple of the "
+        raise InputError(f"hop_ms={hop_ms!r}: the hop must be a positive whole multiple of the "
                          f"{FRAME_MS} ms frame step (e.g. 20, 40, 100), so that each window reuses "
                          "whole frames of the previous one.")
     return int(hop_ms) // FRAME_MS
@@ -43,23 +44,40 @@ def hop_frames(hop_ms: int) -> int:
 
 def check_threshold(threshold: float) -> float:
     """Return the threshold as a float, or raise unless it is a probability in [0, 1]."""
-    if not 0.0 <= float(threshold) <= 1.0:
-        raise ValueError(f"threshold={threshold}: a posterior threshold must lie in [0, 1].")
+    if isinstance(threshold, (bool, str)) or not isinstance(threshold, (int, float, np.number)) \
+            or not 0.0 <= float(threshold) <= 1.0:
+        raise InputError(f"threshold={threshold!r}: a posterior threshold must be a number in "
+                         "[0, 1].")
     return float(threshold)
+
+
+def _check_ms(name: str, value: object, least: float = 0.0) -> float:
+    """A duration in ms (or s) that must be a finite number >= ``least``."""
+    if isinstance(value, (bool, str)) or not isinstance(value, (int, float, np.number)) \
+            or not least <= float(value) < np.inf:
+        raise InputError(f"{name}={value!r}: give a finite number >= {least:g}.")
+    return float(value)
 
 
 def prepare_recording(audio: np.ndarray, sample_rate: int = config.SAMPLE_RATE) -> np.ndarray:
     """A 1-D recording as float64 at 16 kHz (resampled with a message); at least 1 s long."""
     audio = np.asarray(audio)
     if audio.ndim != 1:
-        raise ValueError(f"expected a mono recording of shape (T,), got shape {audio.shape}.")
+        raise InputError(f"expected audio as a mono recording of shape (T,), got shape "
+                         f"{audio.shape}; for (samples, channels) pass audio.mean(axis=1).")
+    if not (np.issubdtype(audio.dtype, np.floating) or np.issubdtype(audio.dtype, np.integer)):
+        raise InputTypeError(f"audio must hold int or float samples, got dtype {audio.dtype}.")
+    if not np.isfinite(audio).all():
+        raise InputError("audio holds NaN or infinite samples; check how it was recorded or "
+                         "loaded.")
+    sample_rate = data._check_sample_rate(sample_rate)
     if sample_rate != config.SAMPLE_RATE:
         print(f"recording at {sample_rate} Hz: resampling to {config.SAMPLE_RATE} Hz")
         gcd = np.gcd(int(sample_rate), config.SAMPLE_RATE)
         audio = resample_poly(audio.astype(np.float64), config.SAMPLE_RATE // gcd,
                               int(sample_rate) // gcd)
     if audio.size < config.CLIP_SAMPLES:
-        raise ValueError(f"the recording holds {audio.size} samples ({audio.size / config.SAMPLE_RATE:.3f} s);"
+        raise InputError(f"the recording holds {audio.size} samples ({audio.size / config.SAMPLE_RATE:.3f} s);"
                          f" streaming needs at least one full 1 s window ({config.CLIP_SAMPLES} samples).")
     return audio.astype(np.float64)
 
@@ -127,8 +145,12 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 def smooth(posteriors: np.ndarray, span: int) -> np.ndarray:
     """Causal moving average over the last ``span`` rows (fewer at the start)."""
-    if span < 1:
-        raise ValueError(f"smoothing span {span}: use at least one hop.")
+    if isinstance(span, bool) or not isinstance(span, (int, np.integer)) or span < 1:
+        raise InputError(f"smoothing span={span!r}: use a whole number of at least one hop.")
+    posteriors = np.asarray(posteriors)
+    if posteriors.ndim != 2 or not np.isfinite(posteriors).all():
+        raise InputError(f"posteriors must be a finite 2-D array (hops, classes), got shape "
+                         f"{posteriors.shape}.")
     csum = np.cumsum(np.vstack([np.zeros((1, posteriors.shape[1])), posteriors]), axis=0)
     rows = np.arange(1, len(posteriors) + 1)
     lo = np.maximum(rows - span, 0)
@@ -137,6 +159,7 @@ def smooth(posteriors: np.ndarray, span: int) -> np.ndarray:
 
 def onnx_session(path: str) -> ort.InferenceSession:
     """A single-threaded CPU session (one decision at a time, as on a device)."""
+    export.load_onnx(path)    # a clear error for a missing or non-ONNX file
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
@@ -150,7 +173,7 @@ def logits_of(session: ort.InferenceSession, x: np.ndarray) -> np.ndarray:
         return out
     # TI's integer form carries the output codes in float32; the recorded scale turns them to logits
     if scale is None:
-        raise ValueError("the ONNX model outputs integer logit codes and records no output scale, "
+        raise InputError("the ONNX model outputs integer logit codes and records no output scale, "
                          "so no posteriors can be formed; export it with kws_utils (quant) again.")
     return out.astype(np.float32) * np.float32(scale)
 
@@ -160,6 +183,7 @@ def run_stream(onnx_path: str, audio: np.ndarray, sample_rate: int = config.SAMP
                incremental: bool = True, progress: bool = True) -> StreamResult:
     """Slide the model over a recording: one batch-1 inference per hop, then smoothing."""
     hop = hop_frames(hop_ms)
+    _check_ms("smooth_ms", smooth_ms)
     audio = prepare_recording(audio, sample_rate)
     session = onnx_session(onnx_path)
     n = window_count(audio.size, hop)
@@ -203,6 +227,7 @@ def detect(result: StreamResult, threshold: float = config.STREAM_THRESHOLD,
            refractory_ms: int = config.STREAM_REFRACTORY_MS) -> list[Detection]:
     """Fire when a keyword's smoothed posterior reaches the threshold, then stay quiet a while."""
     threshold = check_threshold(threshold)
+    _check_ms("refractory_ms", refractory_ms)
     scores = result.smoothed[:, KEYWORD_IDS]
     best, label = scores.max(axis=1), scores.argmax(axis=1)
     out: list[Detection] = []
@@ -237,6 +262,7 @@ class Score:
 def match(detections: Sequence[Detection], events: Sequence[Event],
           tolerance_s: float = MATCH_TOLERANCE_S) -> dict[int, int]:
     """Map detection index -> keyword event index it correctly finds (each event once)."""
+    _check_ms("tolerance_s", tolerance_s)
     found: dict[int, int] = {}
     taken: set[int] = set()
     for d, det in enumerate(detections):
@@ -252,6 +278,8 @@ def match(detections: Sequence[Detection], events: Sequence[Event],
 def score(detections: Sequence[Detection], events: Sequence[Event], duration_s: float,
           threshold: float = float("nan")) -> Score:
     """Hits, misses and false alarms (wrong word, no word, or a repeat) of one detection run."""
+    if _check_ms("duration_s", duration_s) == 0:
+        raise InputError("duration_s=0: false alarms per hour need a recording longer than 0 s.")
     keyword_events = [ev for ev in events if ev.label in KEYWORD_IDS]
     hits = len(match(detections, keyword_events))
     return Score(threshold, hits, len(keyword_events) - hits, len(detections) - hits,
@@ -261,6 +289,8 @@ def score(detections: Sequence[Detection], events: Sequence[Event], duration_s: 
 def sweep(result: StreamResult, events: Sequence[Event], thresholds: Sequence[float],
           refractory_ms: int = config.STREAM_REFRACTORY_MS) -> list[Score]:
     """Score every threshold (the model ran once; only the decisions are redone)."""
+    if isinstance(thresholds, (int, float)):
+        raise InputTypeError(f"thresholds={thresholds!r}: pass a list of thresholds, e.g. [0.5, 0.6].")
     return [score(detect(result, t, refractory_ms), events, result.duration_s, t)
             for t in thresholds]
 
@@ -283,12 +313,22 @@ def build_long_recording(info: data.DatasetInfo, n_keywords: int, n_distractors:
                          snr_db: float = config.STREAM_SNR_DB, seed: int = config.SEED
                          ) -> tuple[np.ndarray, list[Event]]:
     """Held-out test clips at known places over background noise -> (float32 audio, events)."""
+    for name, count in (("n_keywords", n_keywords), ("n_distractors", n_distractors)):
+        if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 0:
+            raise InputError(f"{name}={count!r}: give a whole number of clips >= 0.")
+    if n_keywords + n_distractors == 0:
+        raise InputError("n_keywords and n_distractors are both 0: place at least one clip.")
+    low, high = (_check_ms("gap_s", g) for g in gap_s)
+    if low > high:
+        raise InputError(f"gap_s={gap_s}: the shortest gap must not exceed the longest.")
+    if not np.isfinite(snr_db):
+        raise InputError(f"snr_db={snr_db!r}: give a finite speech-to-noise ratio in dB.")
     rng = np.random.default_rng(seed)
     test = data.splits(info)["test"]
     keywords = [c for c in test if c.label in KEYWORD_IDS]
     others = [c for c in test if c.label == config.UNKNOWN_INDEX]
     if n_keywords > len(keywords) or n_distractors > len(others):
-        raise ValueError(f"asked for {n_keywords} keyword / {n_distractors} unknown clips; the "
+        raise InputError(f"asked for {n_keywords} keyword / {n_distractors} unknown clips; the "
                          f"test set has {len(keywords)} / {len(others)}.")
     chosen = ([keywords[i] for i in rng.choice(len(keywords), n_keywords, replace=False)]
               + [others[i] for i in rng.choice(len(others), n_distractors, replace=False)])
@@ -312,12 +352,12 @@ def build_long_recording(info: data.DatasetInfo, n_keywords: int, n_distractors:
 def _check_plot_inputs(audio: np.ndarray, result: StreamResult, span: tuple[float, float]) -> None:
     """Raise a clear error before any drawing if the inputs cannot make a timeline."""
     if np.asarray(audio).ndim != 1 or len(audio) == 0:
-        raise ValueError("audio must be the non-empty 1-D recording the stream was run on.")
+        raise InputError("audio must be the non-empty 1-D recording the stream was run on.")
     if len(result.times) == 0 or len(result.times) != len(result.smoothed):
-        raise ValueError("the stream result holds no decisions (or mismatched arrays); run "
+        raise InputError("the stream result holds no decisions (or mismatched arrays); run "
                          "run_stream on a recording of at least 1 s.")
     if not span[0] < span[1]:
-        raise ValueError(f"time span {span}: the start must come before the end.")
+        raise InputError(f"time span {span}: the start must come before the end.")
 
 
 def plot_timeline(audio: np.ndarray, result: StreamResult, detections: Sequence[Detection],
@@ -358,7 +398,7 @@ def plot_timeline(audio: np.ndarray, result: StreamResult, detections: Sequence[
 def plot_det(scores: Sequence[Score], source: str, chosen: float | None = None) -> plt.Figure:
     """DET-style curve: miss rate against false alarms per hour, one point per threshold."""
     if not scores:
-        raise ValueError("no scores to plot: pass the output of sweep() over some thresholds.")
+        raise InputError("no scores to plot: pass the output of sweep() over some thresholds.")
     fa = np.array([s.fa_per_hour for s in scores])
     miss = np.array([s.miss_rate for s in scores]) * 100
     fig, ax = plt.subplots(figsize=(6.5, 4.5))

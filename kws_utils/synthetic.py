@@ -12,23 +12,28 @@ the library: same seed, same bytes, whatever the number of worker processes.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import json
 import multiprocessing as mp
 import re
 import shutil
+import signal
 import tempfile
+import threading
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import soundfile as sf
 from scipy.signal import butter, firwin, resample_poly, sosfilt
 from tqdm.auto import tqdm
 
-from kws_utils import config
+from kws_utils import config, files
+from kws_utils.errors import InputError, TargetExistsError
 
 GENERATOR_VERSION = 1      # bump when the output changes, so old folders are regenerated
 SHARD_SPEAKERS = 10        # speakers per shard: fixed, so the bytes never depend on the workers
@@ -53,6 +58,28 @@ STREAM_SPEAKER_IDS, STREAM_SPEAKER, STREAM_CLIP, STREAM_NOISE, STREAM_TEST = ran
 
 
 # ----------------------------------------------------------------------------- espeak-ng
+@contextlib.contextmanager
+def _sigint_deferred() -> Iterator[list[bool]]:
+    """Record Ctrl-C during synthesis and deliver it afterwards, outside the C callback.
+
+    A KeyboardInterrupt raised inside a ctypes callback (even on its first line) is printed and
+    dropped by ctypes. So while espeak runs, SIGINT only sets a flag, which makes the callback
+    stop espeak; the interrupt is raised once espeak_Synth has returned.
+    """
+    pressed: list[bool] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield pressed          # signal handlers can only be set in the main thread
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, lambda *_: pressed.append(True))
+    try:
+        yield pressed
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if pressed and callable(previous):
+        previous(signal.SIGINT, None)     # the default handler raises KeyboardInterrupt
+
+
 _LIBC = ctypes.CDLL(None)
 
 
@@ -76,6 +103,8 @@ class Espeak:
         callback_type = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short),
                                          ctypes.c_int, ctypes.c_void_p)
         self._chunks: list[np.ndarray] = []
+        self._pending: BaseException | None = None     # raised in the callback, re-raised later
+        self._interrupted: list[bool] = []              # Ctrl-C seen during synthesis
         self._callback = callback_type(self._collect)    # keep a reference: C holds a pointer
         data_parent = str(Path(espeakng_loader.get_data_path()).parent).encode()
         self.sample_rate = self._lib.espeak_Initialize(self._SYNCHRONOUS, 0, data_parent, 0)
@@ -103,9 +132,17 @@ class Espeak:
         shutil.rmtree(self._tmp, ignore_errors=True)
 
     def _collect(self, wav: ctypes.POINTER(ctypes.c_short), n: int, _events: int) -> int:
-        """Synthesis callback: copy each audio block; returning 0 lets synthesis continue."""
-        if wav and n > 0:
-            self._chunks.append(np.ctypeslib.as_array(wav, shape=(n,)).copy())
+        """Synthesis callback: copy each audio block; 0 lets synthesis continue, 1 aborts it."""
+        # ctypes prints and drops any exception raised in a callback, Ctrl-C included: keep it,
+        # stop espeak (return 1) and raise it again once espeak_Synth has returned.
+        try:
+            if self._interrupted:
+                return 1
+            if wav and n > 0:
+                self._chunks.append(np.ctypeslib.as_array(wav, shape=(n,)).copy())
+        except BaseException as exc:  # noqa: BLE001 - re-raised in speak()
+            self._pending = exc
+            return 1
         return 0
 
     def speak(self, text: str, voice: str, rate: int, pitch: int, pitch_range: int,
@@ -116,14 +153,19 @@ class Espeak:
         self._lib.espeak_ng_SetRandSeed(ctypes.c_long(noise_seed))
         _LIBC.srand(noise_seed)
         if self._lib.espeak_SetVoiceByName(voice.encode()) != 0:
-            raise ValueError(f"espeak-ng has no voice {voice!r}.")
+            raise InputError(f"espeak-ng has no voice {voice!r}.")
         for param, value in ((self._RATE, rate), (self._PITCH, pitch), (self._RANGE, pitch_range),
                              (self._VOLUME, ESPEAK_VOLUME)):
             self._lib.espeak_SetParameter(param, int(value), 0)
         self._chunks.clear()
+        self._pending = None
         encoded = text.encode()
-        status = self._lib.espeak_Synth(encoded, len(encoded) + 1, 0, self._POS_CHARACTER, 0,
-                                        self._CHARS_UTF8, None, None)
+        with _sigint_deferred() as self._interrupted:
+            status = self._lib.espeak_Synth(encoded, len(encoded) + 1, 0, self._POS_CHARACTER, 0,
+                                            self._CHARS_UTF8, None, None)
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            raise pending
         if status != 0 or not self._chunks:
             raise RuntimeError(f"espeak-ng could not speak {text!r} with {voice!r} ({status}).")
         return np.concatenate(self._chunks)
@@ -148,7 +190,7 @@ def which_set(filename: str, validation_percent: int = config.VALIDATION_PERCENT
 def split_quotas(n_speakers: int) -> dict[str, int]:
     """How many speakers each split gets: about 80/10/10, at least one per split."""
     if n_speakers < 3:
-        raise ValueError(f"need at least 3 synthetic speakers (one per split), got {n_speakers}.")
+        raise InputError(f"need at least 3 synthetic speakers (one per split), got {n_speakers}.")
     n_val = max(1, round(n_speakers * config.VALIDATION_PERCENT / 100))
     n_test = max(1, round(n_speakers * config.TESTING_PERCENT / 100))
     return {"training": n_speakers - n_val - n_test, "validation": n_val, "testing": n_test}
@@ -325,7 +367,7 @@ def make_noise(kind: str, n: int, rng: np.random.Generator) -> np.ndarray:
               "fan_hum": lambda: _fan_hum(n, rng),
               "doing_the_dishes": lambda: _dishes(n, rng)}
     if kind not in makers:
-        raise ValueError(f"unknown noise kind {kind!r}; use one of {NOISE_KINDS}.")
+        raise InputError(f"unknown noise kind {kind!r}; use one of {NOISE_KINDS}.")
     wave = makers[kind]()
     return wave / wave.std()
 
@@ -460,24 +502,38 @@ def is_complete(folder: Path, expected: dict) -> bool:
     return marker is not None and all(marker.get(k) == v for k, v in expected.items())
 
 
+def check_replaceable(target: Path) -> None:
+    """Refuse a ``target`` that exists but is not a finished folder of ours (marker inside)."""
+    if target.exists() and not (target.is_dir() and read_marker(target) is not None):
+        kind = "folder" if target.is_dir() else "file"
+        raise TargetExistsError(f"{target} already exists and is not a dataset folder written by "
+                              f"the course (no {config.COMPLETE_MARKER}); this {kind} is left "
+                              "untouched. Move it away or choose another target folder.")
+
+
 def finish_folder(partial: Path, target: Path, marker: dict) -> None:
-    """Write the marker last and move the finished folder into place (replacing an old one)."""
+    """Write the marker last and move the finished folder into place (replacing an old one of ours)."""
     marker["files"] = sum(1 for _ in partial.rglob("*.wav"))
-    (partial / config.COMPLETE_MARKER).write_text(json.dumps(marker, indent=1) + "\n")
+    files.write_text(partial / config.COMPLETE_MARKER, json.dumps(marker, indent=1) + "\n")
+    check_replaceable(target)
     if target.exists():
-        old = target.with_name(target.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        target.rename(old)
+        # Our previous folder moves into a fresh temporary folder of ours, deleted after the swap.
+        old = Path(tempfile.mkdtemp(prefix=f"{files.TEMP_PREFIX}{target.name}.old.", dir=target.parent))
+        target.rename(old / target.name)
+        partial.rename(target)
         shutil.rmtree(old)
+        return
     partial.rename(target)
 
 
 def fresh_partial(target: Path) -> Path:
-    """An empty work folder next to ``target``; leftovers of an interrupted run are removed."""
-    partial = target.with_name(target.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    return partial
+    """A new, uniquely named empty work folder next to ``target``; our old leftovers are removed."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    prefix = f"{files.TEMP_PREFIX}{target.name}.partial."
+    # Only folders with our own prefix are removed: leftovers of an interrupted run of ours.
+    for leftover in target.parent.glob(prefix + "*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=target.parent))
 
 
 def train_params(speakers: int, seed: int) -> dict:
@@ -496,13 +552,18 @@ def generate_dataset(target: Path, speakers: int, seed: int = config.SEED,
                      workers: int = WORKERS) -> Path:
     """Write a Speech Commands v2 style folder of synthetic speech to ``target``."""
     target = Path(target)
+    check_replaceable(target)
     partial = fresh_partial(target)
-    people = make_speakers(speakers, seed)
-    write_background_noise(partial / config.BACKGROUND_NOISE_DIR, seed)
-    _run_shards(partial, train_jobs(people, seed), people, workers, "synthetic speech")
-    _write_lists(partial, people)
-    (partial / "speakers.json").write_text(json.dumps([asdict(sp) for sp in people], indent=0))
-    finish_folder(partial, target, train_params(speakers, seed))
+    try:
+        people = make_speakers(speakers, seed)
+        write_background_noise(partial / config.BACKGROUND_NOISE_DIR, seed)
+        _run_shards(partial, train_jobs(people, seed), people, workers, "synthetic speech")
+        _write_lists(partial, people)
+        (partial / "speakers.json").write_text(json.dumps([asdict(sp) for sp in people], indent=0))
+        finish_folder(partial, target, train_params(speakers, seed))
+    finally:
+        # Interrupted (Ctrl-C) or failed: no half-written folder, and no marker anywhere.
+        shutil.rmtree(partial, ignore_errors=True)
     return target
 
 
@@ -510,10 +571,15 @@ def generate_test_set(target: Path, speakers: int, per_class: int, seed: int = c
                       workers: int = WORKERS) -> Path:
     """Write a balanced test folder like ``speech_commands_test_set_v0.02`` to ``target``."""
     target = Path(target)
+    check_replaceable(target)
     partial = fresh_partial(target)
-    people = make_speakers(speakers, seed)
-    _run_shards(partial, test_jobs(people, per_class, seed), people, workers, "synthetic test set")
-    finish_folder(partial, target, test_params(speakers, per_class, seed))
+    try:
+        people = make_speakers(speakers, seed)
+        _run_shards(partial, test_jobs(people, per_class, seed), people, workers, "synthetic test set")
+        finish_folder(partial, target, test_params(speakers, per_class, seed))
+    finally:
+        # Interrupted (Ctrl-C) or failed: no half-written folder, and no marker anywhere.
+        shutil.rmtree(partial, ignore_errors=True)
     return target
 
 

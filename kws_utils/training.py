@@ -1,6 +1,7 @@
 """Training: seeding, batching cached features, the float training loop and evaluation."""
 from __future__ import annotations
 
+import math
 import random
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -13,7 +14,8 @@ from torch import nn
 from torch.utils.data import Sampler
 from tqdm.auto import tqdm
 
-from kws_utils import config, data, features, mlperf
+from kws_utils import config, data, features, files, mlperf
+from kws_utils.errors import InputError, InputTypeError, TrainingDiverged
 from kws_utils.model import DSCNN, load_checkpoint
 
 
@@ -31,7 +33,8 @@ class Batches:
     def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool = False,
                  generator: torch.Generator | None = None, sampler: Sampler | None = None) -> None:
         if len(x) != len(y):
-            raise ValueError(f"{len(x)} inputs but {len(y)} labels: they must pair one to one.")
+            raise InputError(f"{len(x)} inputs but {len(y)} labels: they must pair one to one.")
+        _check_count("batch_size", batch_size, 1)
         self.x, self.y, self.batch_size = x, y, batch_size
         self.shuffle, self.generator, self.sampler = shuffle, generator, sampler
 
@@ -136,6 +139,27 @@ def on_device(model: nn.Module, device: torch.device | None = None) -> Iterator[
         yield device
     finally:
         model.to(home)
+def _check_count(name: str, value: object, least: int) -> int:
+    """A whole-number argument (batch size, epochs...) of at least ``least``, or a clear error."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
+        raise InputError(f"{name}={value!r}: give a whole number >= {least}.")
+    return int(value)
+
+
+def _check_loss(loss: torch.Tensor, x: torch.Tensor, model: nn.Module,
+                optimizer: torch.optim.Optimizer) -> None:
+    """Stop training on a NaN/inf loss, saying the likely reason (data, weights, learning rate)."""
+    if torch.isfinite(loss).all():
+        return
+    lr = optimizer.param_groups[0]["lr"]
+    if not torch.isfinite(x).all():
+        why = "the input batch holds NaN or inf values: check the features (and the audio)"
+    elif not all(torch.isfinite(p).all() for p in model.parameters()):
+        why = (f"the weights became NaN/inf: the learning rate (lr={lr:g}) is too large or not a "
+               "number; use a smaller one (the course uses 0.05)")
+    else:
+        why = f"the logits overflowed: lower the learning rate (lr={lr:g}) or check the inputs"
+    raise TrainingDiverged(f"training stopped: the loss is {loss.item()} ({why}).")
 
 
 def train_epoch(model: nn.Module, batches: Batches, optimizer: torch.optim.Optimizer,
@@ -152,6 +176,7 @@ def train_epoch(model: nn.Module, batches: Batches, optimizer: torch.optim.Optim
             optimizer.zero_grad(set_to_none=True)
             logits = model(_fast_layout(x, channels_last))
             loss = loss_fn(logits, y)
+            _check_loss(loss, x, model, optimizer)
             loss.backward()
             optimizer.step()
             if scheduler is not None:
@@ -166,6 +191,11 @@ def train_epoch(model: nn.Module, batches: Batches, optimizer: torch.optim.Optim
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 500,
              loss_fn: nn.Module | None = None) -> EvalResult:
     """Evaluate ``model`` in eval mode on features ``x`` with labels ``y``."""
+    if len(x) == 0:
+        raise InputError("x holds no inputs: evaluate needs at least one (N, 1, 49, 10) input.")
+    if y.dtype.is_floating_point or y.ndim != 1 or y.min() < 0 or y.max() >= len(config.LABELS):
+        raise InputError(f"y must be a 1-D tensor of class indices 0..{len(config.LABELS) - 1}, "
+                         f"got dtype {y.dtype}, shape {tuple(y.shape)}.")
     model.eval()
     with on_device(model) as device:
         logits = torch.cat([model(xb.to(device)).cpu() for xb, _ in Batches(x, y, batch_size)])
@@ -183,12 +213,30 @@ def make_optimizer(model: nn.Module, lr: float, epochs: int, steps_per_epoch: in
     return optimizer, scheduler
 
 
+def _check_fit_args(train_views: list[torch.Tensor], train_y: torch.Tensor, epochs: int,
+                    lr: float, batch_size: int) -> None:
+    """Refuse arguments that would make fit() fail deep inside torch or train on nothing."""
+    _check_count("epochs", epochs, 0)
+    _check_count("batch_size", batch_size, 1)
+    if isinstance(lr, bool) or not isinstance(lr, (int, float, np.floating)) or not 0 < lr < math.inf:
+        raise InputError(f"lr={lr!r}: the learning rate must be a finite number > 0 (the course "
+                         "uses 0.05).")
+    if isinstance(train_views, torch.Tensor) or len(train_views) == 0:
+        raise InputTypeError("train_views must be a non-empty list of feature tensors "
+                             "(N, 1, 49, 10), one per cached augmentation.")
+    for view in train_views:
+        if len(view) != len(train_y):
+            raise InputError(f"a training view holds {len(view)} inputs but train_y {len(train_y)} "
+                             "labels: they must pair one to one.")
+
+
 def fit(model: nn.Module, train_views: list[torch.Tensor], train_y: torch.Tensor,
         val_x: torch.Tensor, val_y: torch.Tensor, epochs: int, lr: float, batch_size: int,
         generator: torch.Generator, sampler: Sampler | None = None,
         loss_fn: nn.Module | None = None, channels_last: bool = True) -> History:
     """Train with CrossEntropy + SGD + cosine annealing, cycling the cached augmented views."""
     loss_fn = loss_fn or nn.CrossEntropyLoss()
+    _check_fit_args(train_views, train_y, epochs, lr, batch_size)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     steps = (len(train_y) + batch_size - 1) // batch_size
@@ -212,6 +260,18 @@ def fit(model: nn.Module, train_views: list[torch.Tensor], train_y: torch.Tensor
 def confusion_matrix(preds: torch.Tensor, labels: torch.Tensor,
                      n_classes: int = len(config.LABELS)) -> torch.Tensor:
     """Counts (true class, predicted class) as an (n_classes, n_classes) integer matrix."""
+    preds, labels = torch.as_tensor(preds), torch.as_tensor(labels)
+    n_classes = _check_count("n_classes", n_classes, 1)
+    for name, t in (("preds", preds), ("labels", labels)):
+        if t.dtype.is_floating_point or t.is_complex() or t.dtype == torch.bool or t.ndim != 1:
+            raise InputError(f"{name} must be a 1-D tensor of integer class indices, got dtype "
+                             f"{t.dtype} and shape {tuple(t.shape)} (use logits.argmax(1)).")
+        if len(t) and (t.min() < 0 or t.max() >= n_classes):
+            raise InputError(f"{name} holds class {int(t.min() if t.min() < 0 else t.max())}, "
+                             f"outside 0..{n_classes - 1}: check the labels or n_classes.")
+    if preds.shape != labels.shape:
+        raise InputError(f"preds {tuple(preds.shape)} and labels {tuple(labels.shape)} must have "
+                         "the same length.")
     return torch.bincount(labels * n_classes + preds, minlength=n_classes ** 2).reshape(n_classes, n_classes)
 
 
@@ -288,9 +348,8 @@ def float_checkpoint_path(source: str) -> Path:
 def save_checkpoint(model: nn.Module, path: Path, **meta: object) -> None:
     """Save the state dict with metadata (epochs, dataset) via a temp file and rename."""
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    tmp = path.with_suffix(".tmp")
-    torch.save({"model": state, **meta}, tmp)
-    tmp.replace(path)
+    with files.atomic_path(path) as tmp:
+        torch.save({"model": state, **meta}, tmp)
 
 
 def float_model(feats: FeatureSets) -> nn.Module:
