@@ -26,9 +26,8 @@ import soundfile as sf
 import torch
 from scipy.signal import resample_poly
 from torch.utils.data import WeightedRandomSampler
-from tqdm.auto import tqdm
 
-from kws_utils import config, synthetic
+from kws_utils import config, progress, synthetic
 
 KWS01_SCALE = 0.5847029   # input scale of the MLPerf reference TFLite model
 KWS01_ZERO_POINT = 83
@@ -192,7 +191,7 @@ def _fetch(url: str, part: Path, size: int | None) -> str:
     expected = size or int(response.headers.get("Content-Length") or 0) or None
     try:
         with response, part.open("wb") as out, \
-                tqdm(total=expected, unit="B", unit_scale=True, desc=Path(url).name) as bar:
+                progress.bar(total=expected, unit="B", unit_scale=True, desc=Path(url).name) as bar:
             while block := response.read(1 << 20):
                 out.write(block)
                 digest.update(block)
@@ -391,6 +390,13 @@ def _synthetic_info(reason: str = "") -> DatasetInfo:
 
 
 def ensure_dataset() -> DatasetInfo:
+    """The dataset chosen by KWS_DATASET, made ready; artifacts then go to its own folder."""
+    info = _resolve_dataset()
+    config.set_active_dataset(info.kind)
+    return info
+
+
+def _resolve_dataset() -> DatasetInfo:
     """The dataset chosen by KWS_DATASET, made ready (downloaded, extracted or generated)."""
     choice = config.dataset_choice()
     if choice == "synthetic":
@@ -497,7 +503,7 @@ def load_clips(clips: list[Clip], desc: str = "loading clips") -> np.ndarray:
     """Read clips as int16 (N, 16000): 1 s, zero-padded/cropped; silence cuts from recordings."""
     out = np.zeros((len(clips), config.CLIP_SAMPLES), dtype=np.int16)
     recordings: dict[str, np.ndarray] = {}     # each long background file is read once
-    for i, clip in enumerate(tqdm(clips, desc=desc, unit="clip")):
+    for i, clip in enumerate(progress.bar(clips, desc=desc, unit="clip")):
         if clip.offset is None:
             out[i] = fix_length(load_audio(clip.path))
             continue

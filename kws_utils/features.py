@@ -29,9 +29,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from kws_utils import config
+from kws_utils import config, progress
 
 LOWER_EDGE_HZ = 20.0      # mel filterbank range of the reference (TF's classic MFCC defaults)
 UPPER_EDGE_HZ = 4000.0
@@ -244,7 +243,7 @@ def compute_features(waves: Array, batch_size: int = BATCH_SIZE,
         raise ValueError(f"Expected a batch of clips (N, T), got shape {tuple(waves.shape)}; "
                          "stack equal-length clips (e.g. data.fix_length) into one array.")
     out = torch.empty(len(waves), *config.INPUT_SHAPE)
-    for start in tqdm(range(0, len(waves), batch_size), desc=desc, unit="batch"):
+    for start in progress.bar(range(0, len(waves), batch_size), desc=desc, unit="batch"):
         batch = waves[start:start + batch_size]
         if augment is None:
             feats = mfcc(batch, dtype)

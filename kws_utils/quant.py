@@ -842,7 +842,8 @@ def quantize_variant(model: nn.Module, feats: Any, bits: int, method: str,
     if method == "ptq":
         wrapper, history = ptq(model, bits, calibration_subset(feats.val_x, prof.calib_clips)), None
     elif method == "qat":
-        wrapper, history = qat(model, bits, feats, prof.qat_epochs, prof.qat_lr, prof.batch_size)
+        wrapper, history = qat(model, bits, feats, config.qat_epochs_for(bits, prof),
+                               config.qat_lr_for(bits, prof), prof.batch_size)
     else:
         raise ValueError(f"method {method!r}: use one of {QUANT_METHODS}.")
     seconds = time.perf_counter() - start
