@@ -17,7 +17,10 @@ from kws_utils import config
 def bar(iterable: Iterable | None = None, **kwargs: Any) -> text_tqdm:
     """A tqdm progress bar of the kind config.progress_mode() names (text, widget or none)."""
     mode = config.progress_mode()
-    kwargs.setdefault("mininterval", 1.0)   # fewer redraws: shorter saved outputs
+    # No "0%" first frame (a loop shorter than the delay prints nothing at all) and few redraws,
+    # so a saved notebook holds short outputs that end with the finished bar.
+    kwargs.setdefault("delay", 2.0)
+    kwargs.setdefault("mininterval", 5.0)
     if mode == "none":
         kwargs["disable"] = True
     cls = auto_tqdm if mode == "widget" else text_tqdm
