@@ -48,7 +48,7 @@ def _fetch_verified(url: str, dest: Path, sha256: str, size: int, what: str,
                     variable: str) -> Path:
     """Download one manifest file, re-raising failures with the MLPerf-specific advice."""
     try:
-        return data.download(url, dest, sha256, size, progress=False)
+        return data.download(url, dest, sha256, size, show_progress=False)
     except data.NetworkUnavailable as err:
         _drop_empty_folders(dest.parent)
         raise data.NetworkUnavailable(f"Could not reach {url} ({err.__cause__}). "

@@ -104,25 +104,27 @@ def training_curves(history: object, source: str, title: str = "Float training")
 
 
 def confusion(cm: torch.Tensor | np.ndarray, source: str, title: str = "Confusion matrix (test set)") -> plt.Figure:
-    """Confusion matrix as row-normalized colours with raw counts written in each cell."""
+    """Confusion matrix in % of each true class: the colours and the numbers in the cells agree."""
     cm = np.asarray(cm)
     n = len(config.LABELS)
     if cm.shape != (n, n) or (cm < 0).any():
         raise InputError(f"cm must be a ({n}, {n}) matrix of counts >= 0 (training."
                          f"confusion_matrix), got shape {cm.shape}.")
     share = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    share = 100 * cm / np.maximum(cm.sum(1, keepdims=True), 1)
     fig, ax = plt.subplots(figsize=(7.5, 6.5))
-    im = ax.imshow(share * 100, cmap="Blues", vmin=0, vmax=100)
+    im = ax.imshow(share, cmap="Blues", vmin=0, vmax=100)
     for i in range(cm.shape[0]):
         for j in range(cm.shape[1]):
             if cm[i, j]:
-                ax.text(j, i, cm[i, j], ha="center", va="center", fontsize=7,
-                        color="white" if share[i, j] > 0.5 else "black")
+                ax.text(j, i, f"{share[i, j]:.0f}" if share[i, j] >= 0.5 else "<1", ha="center",
+                        va="center", fontsize=7, color="white" if share[i, j] > 50 else "black")
     ticks = np.arange(len(config.LABELS))
     ax.set_xticks(ticks, config.LABELS, rotation=45)
-    ax.set_yticks(ticks, config.LABELS)
-    ax.set(title=f"{title}\n{source_tag(source)}", xlabel="predicted class", ylabel="true class")
-    fig.colorbar(im, ax=ax, label="share of true class (%)")
+    ax.set_yticks(ticks, [f"{label} ({int(n)})" for label, n in zip(config.LABELS, cm.sum(1))])
+    ax.set(title=f"{title}\n{source_tag(source)}", xlabel="predicted class",
+           ylabel="true class (clips)")
+    fig.colorbar(im, ax=ax, label="share of the true class's clips (%)")
     fig.tight_layout()
     return fig
 

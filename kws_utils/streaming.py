@@ -21,10 +21,10 @@ import numpy as np
 import onnxruntime as ort
 import torch
 from scipy.signal import resample_poly
-from tqdm.auto import tqdm
 
 from kws_utils import config, data, export, features, plots
 from kws_utils.errors import InputError, InputTypeError
+from kws_utils.progress import bar as progress_bar
 
 FRAME_MS = 1000 * config.FRAME_STEP // config.SAMPLE_RATE          # 20 ms
 WINDOW_BLOCKS = config.CLIP_SAMPLES // config.FRAME_STEP             # 50 blocks of 20 ms per 1 s
@@ -193,8 +193,8 @@ def run_stream(onnx_path: str, audio: np.ndarray, sample_rate: int = config.SAMP
     torch.set_num_threads(1)
     try:
         logits = [logits_of(session, feats.numpy()[None, None])[0]
-                  for feats in tqdm(windows, total=n, desc="streaming", unit="hop",
-                                    disable=not progress)]
+                  for feats in progress_bar(windows, total=n, desc="streaming", unit="hop",
+                                         disable=not progress)]
     finally:
         torch.set_num_threads(threads)
     posteriors = softmax(np.stack(logits).astype(np.float64))
