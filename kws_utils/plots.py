@@ -6,7 +6,6 @@ from typing import Sequence
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
-from matplotlib.ticker import MaxNLocator
 
 from kws_utils import config
 
@@ -82,7 +81,7 @@ def training_curves(history: object, source: str, title: str = "Float training")
     b.plot(epochs, np.array(history.val_acc) * 100, "o-", label="validation")
     b.set(title=f"{title}: accuracy", xlabel="epoch", ylabel="accuracy (%)")
     for ax in (a, b):
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
+        ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))  # epochs are whole numbers
         ax.legend()
         ax.grid(alpha=0.3)
     fig.suptitle(source_tag(source), fontsize=9)

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import matplotlib.pyplot as plt
-from matplotlib.ticker import FuncFormatter
 import numpy as np
 import onnxruntime as ort
 import torch
@@ -376,10 +375,10 @@ def plot_det(scores: Sequence[Score], source: str, chosen: float | None = None) 
             set_scale("symlog", linthresh=positive.min())
         elif len(positive):
             set_scale("log")
-    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    plain = plt.FuncFormatter(lambda v, _: f"{v:g}")
     for axis in (ax.xaxis, ax.yaxis):
         axis.set_major_formatter(plain)
-        axis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
+        axis.set_minor_formatter(plt.FuncFormatter(lambda v, _: ""))
     ax.set(title=f"Detection error trade-off\n{plots.source_tag(source)}",
            xlabel="false alarms per hour (log scale)", ylabel="miss rate (%, log scale)")
     ax.grid(alpha=0.3, which="both")
