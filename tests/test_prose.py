@@ -4,7 +4,9 @@ How it decides, for every markdown cell of every notebook in ``notebooks/``:
 
 1. Text that is not prose is removed first: fenced code blocks, inline code (`...`), LaTeX math
    ($...$ and $$...$$), link targets ``](...)``, bare URLs, arXiv identifiers (``arXiv:1804.03209``)
-   and HTML comments. Formulas and settings are not results.
+   HTML comments and names such as ``Exercise 4.2``. Formulas and settings are not results.
+   Exercise statements (cells whose first line is an ``Exercise N.M`` heading) are skipped: their
+   numbers are the exercise's given data, not results.
 2. What remains is scanned for **result-like numbers**: percentages (``97.8 %``, ``43.6%``),
    decimals (``0.25``, ``2.7``) and counts with thousands separators (``4,896``). Plain integers
    (layer sizes, epochs, years) are not checked: they are almost always fixed facts.
@@ -40,6 +42,8 @@ FIXED_FACTS: dict[str, str] = {
     "2,618": "speakers in Speech Commands v2 (Warden 2018)",
     "80": "MLPerf's training recipe mixes background noise into 80 % of the training clips",
     "0.1": "MLPerf's training recipe draws the background-noise volume from [0, 0.1]",
+    "0.01": "PyTorch's MovingAverageMinMaxObserver default averaging constant",
+    "0.9": "SGD momentum of the course's named departure from TI's recipe (scripts/recipe_compare.py)",
     "1,000": "the number of MLPerf kws01 inputs shipped with the reference artifacts",
 }
 
@@ -52,8 +56,10 @@ _STRIP = [
     re.compile(r"\]\([^)]*\)"),                       # link targets
     re.compile(r"https?://\S+"),                      # bare URLs
     re.compile(r"arXiv[: ]\s*\d{4}\.\d{4,5}(v\d+)?", re.I),
+    re.compile(r"\b(exercises?|sections?|notebooks?)\s+\d+(\.\d+)*", re.I),   # 'Exercise 4.2' is a name
 ]
 # percentages, decimals, thousands-separated counts; not part of a longer token (e.g. 'v0.02', 'int8')
+_EXERCISE = re.compile(r"\s*#{2,4}\s*Exercise\s+\d+\.\d+")
 _NUMBER = re.compile(r"(?<![\w.,/-])(\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+\.\d+|\d+)(\s?%)?(?![\w.]*\d)(?!\w)")
 
 
@@ -112,6 +118,8 @@ def check_notebook(path: Path) -> list[str]:
         if cell["cell_type"] != "markdown":
             continue
         source = _text(cell["source"])
+        if _EXERCISE.match(source):
+            continue
         missing = [n for n in result_numbers(source) if not _fixed(n) and _canonical(n) not in printed]
         if missing:
             problems.append(f"{path.name}, cell {index} ({_cell_name(source)!r}): "
@@ -120,7 +128,7 @@ def check_notebook(path: Path) -> list[str]:
 
 
 def test_result_numbers_are_found_and_code_is_ignored() -> None:
-    text = ("Accuracy 97.81 % on 4,896 clips, 43.6% zeros, 2.7 M MACs, 12 classes, int8, v0.02, "
+    text = ("Accuracy 97.81 % on 4,896 clips, 43.6% zeros, 2.7 M MACs, 12 classes, int8, v0.02, Exercise 4.2, "
             "`lr=0.1`, $s/2 = 0.0625$, [paper](https://arxiv.org/abs/1804.03209) arXiv:1804.03209.")
     assert result_numbers(text) == ["97.81%", "4,896", "43.6%", "2.7"]
 
@@ -152,3 +160,15 @@ def test_markdown_numbers_come_from_outputs(path: Path) -> None:
     problems = check_notebook(path)
     assert not problems, ("numbers typed into markdown that no cell prints (let a cell print the sentence, "
                           "or add a true constant to FIXED_FACTS with its reason):\n" + "\n".join(problems))
+
+
+def test_exercise_statements_are_given_data(tmp_path: Path) -> None:
+    nb = nbformat.v4.new_notebook()
+    code = nbformat.v4.new_code_cell("print(...)")
+    code.outputs = [nbformat.v4.new_output("stream", name="stdout", text="done\n")]
+    nb.cells = [nbformat.v4.new_markdown_cell("### Exercise 6.1 · Scoring\n\nThe detector fires at 1.8 s and 5.5 s."),
+                nbformat.v4.new_markdown_cell("As exercise 6.1 shows, 2.5 s is enough."), code]
+    path = tmp_path / "97_demo.ipynb"
+    nbformat.write(nb, path)
+    problems = check_notebook(path)
+    assert len(problems) == 1 and "cell 1" in problems[0] and problems[0].endswith("2.5 typed in markdown but printed by no cell")
