@@ -5,8 +5,8 @@ How it decides, for every markdown cell of every notebook in ``notebooks/``:
 1. Text that is not prose is removed first: fenced code blocks, inline code (`...`), LaTeX math
    ($...$ and $$...$$), link targets ``](...)``, bare URLs, arXiv identifiers (``arXiv:1804.03209``)
    HTML comments and names such as ``Exercise 4.2``. Formulas and settings are not results.
-   Exercise statements (cells whose first line is an ``Exercise N.M`` heading) are skipped: their
-   numbers are the exercise's given data, not results.
+   Exercise statements (cells whose first line is an ``Exercise N.M`` heading or the ``## Exercises``
+   heading) are skipped: their numbers are the exercise's given data, not results.
 2. What remains is scanned for **result-like numbers**: percentages (``97.8 %``, ``43.6%``),
    decimals (``0.25``, ``2.7``) and counts with thousands separators (``4,896``). Plain integers
    (layer sizes, epochs, years) are not checked: they are almost always fixed facts.
@@ -59,7 +59,7 @@ _STRIP = [
     re.compile(r"\b(exercises?|sections?|notebooks?)\s+\d+(\.\d+)*", re.I),   # 'Exercise 4.2' is a name
 ]
 # percentages, decimals, thousands-separated counts; not part of a longer token (e.g. 'v0.02', 'int8')
-_EXERCISE = re.compile(r"\s*#{2,4}\s*Exercise\s+\d+\.\d+")
+_EXERCISE = re.compile(r"\s*(#{2,4}\s*Exercise\s+\d+\.\d+|##\s*Exercises\b)")
 _NUMBER = re.compile(r"(?<![\w.,/-])(\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+\.\d+|\d+)(\s?%)?(?![\w.]*\d)(?!\w)")
 
 
