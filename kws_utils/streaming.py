@@ -355,6 +355,17 @@ def plot_timeline(audio: np.ndarray, result: StreamResult, detections: Sequence[
     return fig
 
 
+def _log_ticks(values: np.ndarray) -> list[float]:
+    """Ticks 1-2-5 per decade spanning ``values`` (and 0 when present), readable on a log axis."""
+    positive = values[values > 0]
+    if not len(positive):
+        return [0.0]
+    low, high = np.floor(np.log10(positive.min())), np.ceil(np.log10(positive.max()))
+    ticks = [m * 10.0 ** e for e in np.arange(low, high + 1) for m in (1, 2, 5)]
+    ticks = [t for t in ticks if positive.min() / 2 <= t <= positive.max() * 2]
+    return ([0.0] if (values == 0).any() else []) + ticks
+
+
 def plot_det(scores: Sequence[Score], source: str, chosen: float | None = None) -> plt.Figure:
     """DET curve: miss rate against false alarms per hour on log axes, one point per threshold."""
     if not scores:
@@ -375,10 +386,11 @@ def plot_det(scores: Sequence[Score], source: str, chosen: float | None = None) 
             set_scale("symlog", linthresh=positive.min())
         elif len(positive):
             set_scale("log")
-    plain = plt.FuncFormatter(lambda v, _: f"{v:g}")
+    for values, set_ticks in ((fa, ax.set_xticks), (miss, ax.set_yticks)):
+        set_ticks(_log_ticks(values))
     for axis in (ax.xaxis, ax.yaxis):
-        axis.set_major_formatter(plain)
-        axis.set_minor_formatter(plt.FuncFormatter(lambda v, _: ""))
+        axis.set_major_formatter(plt.FuncFormatter(lambda v, _: f"{v:g}"))
+        axis.set_minor_formatter(plt.NullFormatter())
     ax.set(title=f"Detection error trade-off\n{plots.source_tag(source)}",
            xlabel="false alarms per hour (log scale)", ylabel="miss rate (%, log scale)")
     ax.grid(alpha=0.3, which="both")
