@@ -166,7 +166,7 @@ def accuracy_vs_weight_bytes(points: Sequence[tuple[str, float, float]], source:
         ax.grid(alpha=0.3)
     axes[0].set_title("full range")
     axes[1].set_title(f"zoom: points within 10 points of the best ({zoom[0]:.1f}-{zoom[1]:.1f} %)")
-    axes[0].legend(loc="lower right")
+    axes[0].legend(loc="best")  # wherever it hides no point
     fig.suptitle(f"{title}\n{source_tag(source)}", fontsize=10)
     fig.tight_layout()
     return fig
