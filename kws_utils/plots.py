@@ -111,7 +111,6 @@ def confusion(cm: torch.Tensor | np.ndarray, source: str, title: str = "Confusio
     if cm.shape != (n, n) or (cm < 0).any():
         raise InputError(f"cm must be a ({n}, {n}) matrix of counts >= 0 (training."
                          f"confusion_matrix), got shape {cm.shape}.")
-    share = cm / np.maximum(cm.sum(1, keepdims=True), 1)
     share = 100 * cm / np.maximum(cm.sum(1, keepdims=True), 1)
     fig, ax = plt.subplots(figsize=(7.5, 6.5))
     im = ax.imshow(share, cmap="Blues", vmin=0, vmax=100)
