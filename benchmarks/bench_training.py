@@ -41,7 +41,7 @@ def course_epoch(x: torch.Tensor, y: torch.Tensor) -> float:
     """Samples/s of training.train_epoch: tensor batches, channels_last, rand-mask dropout, cosine step."""
     net = DSCNN().to(memory_format=torch.channels_last)
     batches = training.Batches(x, y, BATCH, shuffle=True, generator=torch.Generator().manual_seed(0))
-    opt, sched = training.make_optimizer(net, 0.01, 1, len(batches))
+    opt, sched = training.make_optimizer(net, 0.01, 1, len(batches), per_batch_schedule=True)
     start = time.perf_counter()
     training.train_epoch(net, batches, opt, nn.CrossEntropyLoss(), sched, channels_last=True)
     return len(x) / (time.perf_counter() - start)
