@@ -76,7 +76,7 @@ class IntLayer:
         return (self.mult.astype(np.float64) * 2.0 ** -self.shift.astype(np.float64)).astype(np.float32)
 
 
-def requant_params(real_mult: Any, mult_bits: int = MULT_BITS) -> tuple[torch.Tensor, torch.Tensor]:
+def _mult_shift(real_mult: Any, mult_bits: int = MULT_BITS) -> tuple[torch.Tensor, torch.Tensor]:
     """(mult, shift) with mult * 2**-shift ~= real_mult, mult < 2**mult_bits (float32, as TI)."""
     m = torch.as_tensor(real_mult, dtype=torch.float32).reshape(-1)
     top = 2 ** mult_bits - 1
@@ -87,6 +87,14 @@ def requant_params(real_mult: Any, mult_bits: int = MULT_BITS) -> tuple[torch.Te
                          f"for {mult_bits}-bit multipliers: the output scale does not suit the "
                          "layer; calibrate with representative data.")
     return mult, shift
+
+
+def requant_params(real_mult: Any, mult_bits: int = MULT_BITS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Integer (offset, mult, shift): mult * 2**-shift ~= real_mult with the largest shift that keeps
+    mult below 2**mult_bits (TI's rule), and offset = 2**(shift-1) / mult rounded, the half step."""
+    mult, shift = _mult_shift(real_mult, mult_bits)
+    offset = torch.round(_half_step(mult, shift))
+    return tuple(v.numpy().astype(np.int32) for v in (offset, mult, shift))
 
 
 def _half_step(mult: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
@@ -108,7 +116,7 @@ class InputStage:
     def for_scale(cls, scale: float, qmin: int, qmax: int) -> "InputStage":
         """TI's input quantizer for ``scale``: an 8-bit multiplier approximating 1 / scale."""
         inv = 1 / torch.tensor(scale, dtype=torch.float32)
-        mult, shift = requant_params(inv, 8)
+        mult, shift = _mult_shift(inv, 8)
         return cls(float(_half_step(mult, shift)[0]), int(mult[0]), int(shift[0]), qmin, qmax)
 
     def multiplier(self) -> np.float32:
@@ -116,10 +124,10 @@ class InputStage:
         return np.float32(self.mult * 2.0 ** -self.shift)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """Integer codes (float32) of a float input."""
+        """Integer codes (int64) of a float input, computed in the graph's float32 steps."""
         y = (x.float() + torch.tensor(self.offset, dtype=torch.float32)) * torch.from_numpy(
             np.array(self.multiplier()))
-        return torch.clamp(torch.floor(y), self.qmin, self.qmax)
+        return torch.clamp(torch.floor(y), self.qmin, self.qmax).long()
 
 
 def _act_qparams(fq: FakeQuantize) -> tuple[float, int]:
@@ -177,7 +185,7 @@ def _weighted_layer(name: str, mod: nn.Module, in_scale: float, out_fq: FakeQuan
     out_scale, out_zp = _act_qparams(out_fq)
     acc_scale = w_scale * in_scale                                          # float64
     q_bias = _quantize_per_channel(bias.float(), acc_scale, torch.qint32)
-    mult, shift = requant_params((acc_scale / out_scale).float(), mult_bits)
+    mult, shift = _mult_shift((acc_scale / out_scale).float(), mult_bits)
     half = out_scale / 2 / acc_scale.float()
     # TI rounds bias + half step together in float32; keep the bias apart, the rest as offset.
     offset = torch.round(q_bias.float() + half).long() - q_bias.long()
@@ -212,7 +220,7 @@ def _pool_layer(name: str, act: tuple[float, int], area: int, mult_bits: int) ->
     scale, zp = act
     if 255 * area >= FLOAT32_EXACT:
         raise ValueError(f"{name}: pooling {area} positions can exceed 2**24 (float32 exactness).")
-    mult, shift = requant_params(torch.tensor([1 / area]), mult_bits)
+    mult, shift = _mult_shift(torch.tensor([1 / area]), mult_bits)
     offset = torch.round(zp + _half_step(mult, shift)).long()
     qmin, qmax = _signed_range(zp)
     return IntLayer(name=name, op="avgpool", weight=None, bias=None, stride=(1, 1),
@@ -268,7 +276,8 @@ def build_integer_model(prepared: torch.fx.GraphModule, example_inputs: tuple,
 
 
 def run_layer(layer: IntLayer, x: torch.Tensor) -> torch.Tensor:
-    """One integer layer on integer-valued float32 activations, in the graph's float32 ops."""
+    """One integer layer on int64 activations, computed in the graph's float32 steps (exact)."""
+    x = x.float()
     shape = [1, -1, 1, 1] if layer.op == "conv" else [1, -1]
     if layer.op == "avgpool":
         acc = torch.round(x.sum(dim=(2, 3)))
@@ -279,7 +288,7 @@ def run_layer(layer: IntLayer, x: torch.Tensor) -> torch.Tensor:
         acc = F.linear(x, torch.from_numpy(layer.weight).float())
     offset = torch.from_numpy(layer.total_offset().astype(np.float32)).reshape(shape)
     scale = torch.from_numpy(layer.multiplier()).reshape(shape)
-    return torch.clamp(torch.floor((acc + offset) * scale), layer.qmin, layer.qmax)
+    return torch.clamp(torch.floor((acc + offset) * scale), layer.qmin, layer.qmax).long()
 
 
 class IntegerModel(nn.Module):
@@ -298,7 +307,7 @@ class IntegerModel(nn.Module):
         _check_accumulators(self)
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
-        """Float input -> integer codes (float32), as the graph's Add/Mul/Floor/Clip input stage."""
+        """Float input -> integer codes (int64), as the graph's Add/Mul/Floor/Clip input stage."""
         if tuple(x.shape[1:]) != self.input_shape:
             if self.input_shape == config.INPUT_SHAPE:
                 kws_model.check_input(x)
@@ -310,7 +319,7 @@ class IntegerModel(nn.Module):
         q = self.quantize_input(x)
         for layer in self.layers:
             q = run_layer(layer, q)
-        return q.long()
+        return q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Integer logits (output='int8') or logits times output_scale (output='float')."""

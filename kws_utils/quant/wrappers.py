@@ -176,10 +176,11 @@ class TINPUTinyMLQuantFxModule(nn.Module):
         half = self.total_epochs // 2
         bn_at, obs_at = self.num_batch_norm_update_epochs, self.num_observer_update_epochs
         # TI reads None and 0 alike as its default epoch; False never freezes.
+        bn_on, obs_on = bn_at is not False, obs_at is not False
         bn_at = 0 if self.freeze_bn_from_start else (bn_at or half - 1)
         obs_at = obs_at or half + 1
-        freeze_bn = bn_at is not False and (not self.is_qat or self.num_epochs_tracked >= bn_at)
-        freeze_obs = obs_at is not False and self.num_epochs_tracked >= obs_at
+        freeze_bn = bn_on and (not self.is_qat or self.num_epochs_tracked >= bn_at)
+        freeze_obs = obs_on and self.num_epochs_tracked >= obs_at
         self.freeze(freeze_bn=freeze_bn, freeze_observers=freeze_obs)
         if not self.is_qat and self.bias_calibration_factor:
             self._add_bias_hooks()
@@ -263,7 +264,7 @@ class TINPUTinyMLQATFxModule(TINPUTinyMLQuantFxModule):
 
 
 class TINPUTinyMLPTQFxModule(TINPUTinyMLQuantFxModule):
-    """Post-training quantization: eval() + forward passes over calibration data, then convert()."""
+    """Post-training quantization: forward passes over calibration data, eval(), then convert()."""
 
     def __init__(self, *args: Any, is_qat: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, is_qat=is_qat, **kwargs)
