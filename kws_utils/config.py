@@ -66,7 +66,7 @@ class Profile:
     qat_epochs: int              # QAT fine-tuning epochs per variant
     qat_lr: float                # QAT initial learning rate; 0.005 made 2-bit QAT collapse
     calib_clips: int             # PTQ calibration clips from the validation set
-    rounding_iters: int = 1000   # learned-rounding (quant.learn_rounding) steps per layer
+    rounding_iters: int = 500    # learned-rounding (quant.learn_rounding) steps per layer
 
 
 PROFILES = {

@@ -264,7 +264,7 @@ def _check_inputs(inputs: torch.Tensor, iters: int, batch_size: int) -> None:
         raise ValueError(f"iters={iters} and batch_size={batch_size} must be positive.")
 
 
-def learn_rounding(wrapper: nn.Module, inputs: torch.Tensor, iters: int = 1000,
+def learn_rounding(wrapper: nn.Module, inputs: torch.Tensor, iters: int = 500,
                    batch_size: int = 32, lr: float = 1e-2, reg: float = 0.01,
                    seed: int = config.SEED, progress: bool = True) -> list[LayerRounding]:
     """Learn each weight's rounding (and bias) of a calibrated PTQ wrapper; ready for convert()."""
