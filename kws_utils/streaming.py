@@ -143,11 +143,12 @@ def onnx_session(path: str) -> ort.InferenceSession:
 
 
 def logits_of(session: ort.InferenceSession, x: np.ndarray) -> np.ndarray:
-    """Float logits of a batch (N, 1, 49, 10); int8 output codes are scaled by the file's scale."""
+    """Float logits of a batch (N, 1, 49, 10); integer output codes are scaled by the file's scale."""
     out = session.run(None, {session.get_inputs()[0].name: x})[0]
-    if np.issubdtype(out.dtype, np.floating):
-        return out
     scale = session.get_modelmeta().custom_metadata_map.get(export.OUTPUT_SCALE_KEY)
+    if scale is None and np.issubdtype(out.dtype, np.floating):
+        return out
+    # TI's integer form carries the output codes in float32; the recorded scale turns them to logits
     if scale is None:
         raise ValueError("the ONNX model outputs integer logit codes and records no output scale, "
                          "so no posteriors can be formed; export it with kws_utils (quant) again.")

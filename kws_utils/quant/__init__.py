@@ -9,6 +9,8 @@ Modules, by concern (``kws_utils.export`` never imports this package, so there i
     qconfig    qconfig_type dicts: defaults, validation, normalization
     observers  observers and fake quantization (torch QConfig, backend config)
     onnx_form  ONNX writers for an IntegerModel (TI NPU integer form, QDQ form)
+    onnx_read  read a TINPU integer ONNX file (TI's or the course's) into an IntegerModel
+    agreement  side-by-side runs against TI's package (benchmarks, tests)
     integer    IntLayer, IntegerModel, build_integer_model, requantization constants
     wrappers   TINPUTinyML*FxModule, TinyMLModelQConfigFormat, quant_backend()
     course     helpers of notebooks 04-06 (ptq, qat, quantize_variant, ...)
@@ -25,31 +27,39 @@ Workflow (both QAT and PTQ)::
     int_model.export(example, "kws_int8.onnx", input_names=["input"])
 
 PTQ calibration needs no training: wrap with ``TINPUTinyMLPTQFxModule(model, total_epochs=1)``,
-then ``qmodel.eval()`` and run forward passes over a few hundred representative inputs under
-``torch.no_grad()`` (the observers record ranges; BatchNorm uses its running statistics), then
-``convert()``.
+run forward passes over a few hundred representative inputs under ``torch.no_grad()`` (the
+observers record ranges; BatchNorm uses its running statistics), ``eval()``, then ``convert()``.
+TI's KWS example calibrates in ``train()`` mode (Dropout active); ``eval()`` mode also works.
 
-Schedule over ``total_epochs`` (TI's rule): epochs are counted by ``train()`` calls. QAT
-BatchNorm statistics freeze from epoch ``total_epochs // 2 - 1`` on, observer ranges from epoch
-``total_epochs // 2 + 1`` on (override with ``num_batch_norm_update_epochs`` /
-``num_observer_update_epochs``, ``False`` = never). PTQ keeps BatchNorm frozen throughout.
-``convert()`` freezes everything.
+Schedule over ``total_epochs`` (TI's rule and meaning): epochs are counted by ``train()`` calls.
+QAT BatchNorm statistics freeze from epoch ``num_batch_norm_update_epochs`` on, observer ranges
+from epoch ``num_observer_update_epochs`` on; None or 0 means TI's default
+(``total_epochs // 2 - 1`` and ``total_epochs // 2 + 1``), False never freezes. PTQ keeps
+BatchNorm frozen throughout. ``convert()`` freezes everything.
 
-Numbers: weights are symmetric, ``[-(2**(b-1) - 1), 2**(b-1) - 1]`` (int8 [-127, 127], int4
-[-7, 7], int2 ternary [-1, 1]) with one scale per output channel; activations 8-bit, unsigned
-[0, 255] after ReLU and signed [-128, 127] otherwise (TI stores both as quint8 with zero point
-0 or 128). Each Conv/Linear requantizes its int32 accumulator with
-``clamp(floor((acc + offset) * mult * 2**-shift), qmin, qmax)``, ``mult`` at most 8 bits.
+The course's own departures from TI are wrapper options, all off by default:
+``freeze_bn_from_start`` (BatchNorm frozen from the first QAT epoch), ``share_dropout_observer``
+(Dropout/Flatten keep their input's scale in the fake-quant model), ``exact_pool`` (an 8-bit
+pooling divisor also with power-of-2 scales), and the weight observers ``'mse'`` and
+``'current_minmax'`` (ranges from the current weights instead of TI's running min/max).
+
+Numbers (TI's): weights are symmetric, ``[-(2**(b-1) - 1), 2**(b-1) - 1]`` (int8 [-127, 127],
+int4 [-7, 7], int2 ternary [-1, 1]) with one scale per output channel; activations 8-bit,
+unsigned [0, 255] after ReLU and signed [-128, 127] otherwise. Each Conv/Linear requantizes
+its int32 accumulator with ``clamp(floor((acc + offset) * mult * 2**-shift), qmin, qmax)``;
+``mult`` has 1 bit with power-of-2 scales, else 8 bits. See ``integer`` for the details.
 """
 from kws_utils.quant.qconfig import (FLOAT32_EXACT, MAX_SHIFT, MULT_BITS, WEIGHT_BITS,
-                                     default_qconfig_type, normalize_qconfig_type,
-                                     output_int_dtype, qconfig_for)
+                                     default_qconfig_type, layer_qconfig_type,
+                                     normalize_qconfig_type, output_int_dtype, qconfig_for,
+                                     ti_example_qconfig)
 from kws_utils.quant.observers import (MSE_RATIOS, ActivationObserver, PerChannelWeightObserver,
                                        PerTensorWeightObserver, ceil_power2, make_backend_config,
                                        make_qconfig)
 from kws_utils.quant.onnx_form import export_integer_onnx, export_qdq_onnx
-from kws_utils.quant.integer import (IntegerModel, IntLayer, build_integer_model, requant_params,
-                                     run_layer)
+from kws_utils.quant.integer import (InputStage, IntegerModel, IntLayer, build_integer_model,
+                                     requant_params, run_layer)
+from kws_utils.quant.onnx_read import read_integer_onnx, split_multiplier
 from kws_utils.quant.wrappers import (TINPUTinyMLPTQFxModule, TINPUTinyMLQATFxModule,
                                       TINPUTinyMLQuantFxModule, TinyMLModelQConfigFormat,
                                       quant_backend)

@@ -1,10 +1,11 @@
-"""ONNX writers for an IntegerModel: the TI NPU integer form and the QDQ (fake-quant) form.
+"""ONNX writers for an IntegerModel: TI's TINPU integer form and the QDQ (fake-quant) form.
 
-The integer graph carries integers in float tensors: Conv/Gemm/ReduceSum run in float32, exact
-because every accumulator stays below 2**24 (``IntegerModel`` checks the bound), and the
-requantization ``clamp(floor((acc + offset) * mult * 2**-shift))`` runs in float64, exact
-because ``(acc + offset) * mult`` stays far below 2**53. So onnxruntime reproduces
-``IntegerModel`` bit for bit.
+The integer graph carries integers in float32 tensors, exactly like the TINPU_INT_MODEL that TI's
+``tinyml_torchmodelopt`` exports (same operators in the same order), so TI's downstream tools
+accept either file. Conv/Gemm/ReduceSum are exact because every accumulator stays below 2**24
+(``IntegerModel`` checks the bound); the requantization multiplies by ``mult * 2**-shift``, a
+float32 constant, in the same float32 steps as ``IntegerModel``, so onnxruntime reproduces it
+bit for bit.
 """
 from __future__ import annotations
 
@@ -13,16 +14,10 @@ from typing import Any
 
 import numpy as np
 import onnx
-import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from kws_utils.export import OUTPUT_SCALE_KEY
 from kws_utils.files import atomic_path
-from kws_utils.quant.qconfig import output_int_dtype
-
-_ONNX_INT = {torch.int8: TensorProto.INT8, torch.uint8: TensorProto.UINT8,
-             torch.int16: TensorProto.INT16}
-
 
 class _GraphBuilder:
     """Collects nodes and initializers; every node gets a readable, unique name."""
@@ -42,34 +37,36 @@ class _GraphBuilder:
         return name
 
 
-def _requantize(g: _GraphBuilder, acc: str, layer: Any, shape: list[int]) -> str:
-    """float32 accumulator -> float64 requantization -> float32 integer activations."""
-    n = layer.name
-    x = g.node("Cast", [acc], f"{n}/to_f64", to=TensorProto.DOUBLE)
-    x = g.node("Add", [x, g.const(f"{n}.offset", layer.offset.reshape(shape), np.float64)], f"{n}/add_offset")
-    x = g.node("Mul", [x, g.const(f"{n}.mult", layer.mult.reshape(shape), np.float64)], f"{n}/mul_mult")
-    x = g.node("Mul", [x, g.const(f"{n}.shift_scale", 2.0 ** -layer.shift.reshape(shape).astype(np.float64),
-                                  np.float64)], f"{n}/shift")
+def _requantize(g: _GraphBuilder, x: str, n: str, offset: np.ndarray, multiplier: np.ndarray,
+                qmin: int, qmax: int, shape: list[int]) -> str:
+    """TI's requantization: Add(offset) -> Mul(mult * 2**-shift) -> Floor -> Clip, in float32."""
+    x = g.node("Add", [x, g.const(f"{n}.offset", np.reshape(offset, shape), np.float32)], f"{n}/add_offset")
+    x = g.node("Mul", [x, g.const(f"{n}.scale", np.reshape(multiplier, shape), np.float32)], f"{n}/mul_scale")
     x = g.node("Floor", [x], f"{n}/floor")
-    x = g.node("Clip", [x, g.const(f"{n}.qmin", layer.qmin, np.float64),
-                        g.const(f"{n}.qmax", layer.qmax, np.float64)], f"{n}/clip")
-    return g.node("Cast", [x], f"{n}/to_f32", to=TensorProto.FLOAT)
+    return g.node("Clip", [x, g.const(f"{n}.qmin", qmin, np.float32),
+                           g.const(f"{n}.qmax", qmax, np.float32)], f"{n}/clip")
 
 
 def _layer(g: _GraphBuilder, x: str, layer: Any) -> str:
-    """Nodes of one IntLayer: the integer op, then the requantization."""
+    """Nodes of one IntLayer: the integer op without bias, then the requantization."""
     n = layer.name
     if layer.op == "avgpool":
-        acc = g.node("ReduceSum", [x, g.const(f"{n}.axes", [2, 3], np.int64)], f"{n}/sum", keepdims=0)
-        return _requantize(g, acc, layer, [1, -1])
-    w = g.const(f"{n}.weight", layer.weight, np.float32)
-    b = g.const(f"{n}.bias", layer.bias, np.float32)
-    if layer.op == "linear":
-        return _requantize(g, g.node("Gemm", [x, w, b], f"{n}/gemm", transB=1), layer, [1, -1])
-    ph, pw = layer.padding
-    acc = g.node("Conv", [x, w, b], f"{n}/conv", strides=list(layer.stride), pads=[ph, pw, ph, pw],
-                 group=layer.groups, kernel_shape=list(layer.weight.shape[2:]))
-    return _requantize(g, acc, layer, [1, -1, 1, 1])
+        x = g.node("ReduceSum", [x, g.const(f"{n}.axes", [2, 3], np.int64)], f"{n}/sum", keepdims=0)
+        shape = [1, -1]
+        x = g.node("Round", [x], f"{n}/round")
+    else:
+        w = g.const(f"{n}.weight", layer.weight, np.float32)
+        if layer.op == "linear":
+            shape = [1, -1]
+            x = g.node("Gemm", [x, w], f"{n}/gemm", transB=1)
+        else:
+            shape = [1, -1, 1, 1]
+            ph, pw = layer.padding
+            x = g.node("Conv", [x, w], f"{n}/conv", strides=list(layer.stride), pads=[ph, pw, ph, pw],
+                       group=layer.groups, kernel_shape=list(layer.weight.shape[2:]),
+                       dilations=[1, 1])
+    return _requantize(g, x, n, layer.total_offset(), layer.multiplier(), layer.qmin,
+                       layer.qmax, shape)
 
 
 def _qdq(g: _GraphBuilder, x: str, name: str, scale: float, qmin: int, qmax: int) -> str:
@@ -145,21 +142,23 @@ def export_qdq_onnx(int_model: Any, filename: str | Path, input_names: list[str]
 
 def export_integer_onnx(int_model: Any, filename: str | Path, input_names: list[str] | None = None,
                         output_names: list[str] | None = None, opset_version: int = 17) -> Path:
-    """Write an ``IntegerModel`` as ONNX (standard ops only), checked with onnx.checker."""
+    """Write an ``IntegerModel`` in TI's TINPU integer ONNX form, checked with onnx.checker.
+
+    The node sequence is TI's: Add/Mul/Floor/Clip for the input, then per layer Conv or Gemm
+    (no bias) or ReduceSum/Round, each followed by Add/Mul/Floor/Clip. The output holds the
+    integer codes as float32, as TI's does; with output 'float' a final Mul scales them.
+    """
     in_name, out_name = (input_names or ["input"])[0], (output_names or ["output"])[0]
     g = _GraphBuilder()
-    x = g.node("Div", [in_name, g.const("input.scale", int_model.input_scale, np.float32)], "input_quant/div")
-    x = g.node("Round", [x], "input_quant/round")
-    x = g.node("Clip", [x, g.const("input.qmin", int_model.input_qmin, np.float32),
-                        g.const("input.qmax", int_model.input_qmax, np.float32)], "input_quant/clip")
+    stage = int_model.input_stage
+    x = _requantize(g, in_name, "input", np.float32(stage.offset), stage.multiplier(), stage.qmin,
+                    stage.qmax, [1, 1, 1, 1])
     for layer in int_model.layers:
         x = _layer(g, x, layer)
     if int_model.output == "float":
         g.node("Mul", [x, g.const("output.scale", int_model.output_scale, np.float32)], out_name)
-        out_type = TensorProto.FLOAT
     else:
-        out_type = _ONNX_INT[output_int_dtype(int_model.layers[-1])]
-        g.node("Cast", [x], out_name, to=out_type)
-    return _save(g, "tinpu_integer_model", in_name, int_model.input_shape, out_name, out_type,
-                 _n_out(int_model), filename, opset_version,
+        g.nodes[-1].output[0] = out_name   # the last Clip is the output, as in TI's graph
+    return _save(g, "tinpu_integer_model", in_name, int_model.input_shape, out_name,
+                 TensorProto.FLOAT, _n_out(int_model), filename, opset_version,
                  1.0 if int_model.output == "float" else int_model.output_scale)
