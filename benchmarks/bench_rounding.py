@@ -22,7 +22,7 @@ import torch
 from kws_utils import config, data, files, model, quant
 
 CALIB = 200      # kws01 files 0..199: calibration and reconstruction
-ITERS = 1000     # learn_rounding steps per layer
+ITERS = 500      # learn_rounding steps per layer (config default profile: rounding_iters)
 
 
 def _onnx_accuracy(wrapper: quant.TINPUTinyMLPTQFxModule, x: torch.Tensor, y: torch.Tensor,
@@ -65,7 +65,7 @@ def run() -> dict:
     out = {"threads": threads, "iters": iters, "calib_files": CALIB,
            "scored_files": len(x) - CALIB, "float_acc": round(float(float_acc), 4)}
     with tempfile.TemporaryDirectory() as tmp:
-        for bits in (8, 4, 2):
+        for bits in (2, 4, 8):   # hardest first
             out[f"int{bits}"] = one_width(bits, x, y, Path(tmp), iters)
             print(f"int{bits}: {out[f'int{bits}']}", flush=True)
     return out

@@ -98,7 +98,7 @@ class Profile:
     lr: float                    # SGD initial learning rate (cosine-annealed to 0)
     aug_views: int               # cached augmented copies of the training set, cycled per epoch
     calib_clips: int             # PTQ calibration clips from the validation set
-    rounding_iters: int = 1000   # learned-rounding (quant.learn_rounding) steps per layer
+    rounding_iters: int = 500    # learned-rounding (quant.learn_rounding) steps per layer
     qat_epochs_cap: int | None = None   # None: TI's rule (see qat_epochs); an int caps it (CI only)
     momentum: float = 0.0        # departure if > 0: SGD momentum (TI's example uses none)
     per_batch_schedule: bool = False    # departure: step the cosine schedule every batch, not epoch

@@ -168,10 +168,10 @@ def test_real_data_int2_survives(tmp_path) -> None:
                                                qconfig_type=quant.qconfig_for(2))
         quant.calibrate(wrapper, x[:200])
         if learn:
-            quant.learn_rounding(wrapper, x[:200], iters=150, progress=False)
+            quant.learn_rounding(wrapper, x[:200], iters=300, progress=False)
         int_model = wrapper.convert()
         path = wrapper.export(x[:1], tmp_path / f"int2_{learn}.onnx", input_names=["input"])
         accs[learn], identical = quant.onnx_check(int_model, path, x[200:], y[200:])
         assert identical
     print(f"\nint2 via ONNX on kws01[200:]: nearest {accs[False]:.2%}, learned {accs[True]:.2%}")
-    assert accs[False] < 0.3 and accs[True] > 0.45
+    assert accs[False] < 0.3 and accs[True] > 0.5

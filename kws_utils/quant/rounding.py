@@ -238,9 +238,14 @@ def _set_scale(fq: FakeQuantize, scale: torch.Tensor) -> None:
     fq.scale.copy_(scale.to(fq.scale.dtype))
     obs = fq.activation_post_process
     half = (fq.quant_max - fq.quant_min) / 2
-    if getattr(obs, "max_val", None) is not None and obs.max_val.shape == scale.shape:
-        obs.max_val.copy_(scale * half)
-        obs.min_val.copy_(-scale * half)
+    if getattr(obs, "max_val", None) is not None and obs.max_val.numel() == scale.numel():
+        obs.max_val.copy_((scale * half).reshape(obs.max_val.shape))
+        obs.min_val.copy_((-scale * half).reshape(obs.min_val.shape))
+    # convert() may read the scale from the observer: it must give back the same numbers
+    if not torch.allclose(fq.calculate_qparams()[0].reshape(-1).float(), fq.scale.reshape(-1).float(),
+                          rtol=1e-6, atol=0):
+        raise RuntimeError(f"the weight observer {type(obs).__name__} does not reproduce a set "
+                           "scale; learned rounding cannot keep its scales for convert().")
 
 
 def integer_weight(mod: nn.Module) -> torch.Tensor:
@@ -264,7 +269,7 @@ def _check_inputs(inputs: torch.Tensor, iters: int, batch_size: int) -> None:
         raise ValueError(f"iters={iters} and batch_size={batch_size} must be positive.")
 
 
-def learn_rounding(wrapper: nn.Module, inputs: torch.Tensor, iters: int = 1000,
+def learn_rounding(wrapper: nn.Module, inputs: torch.Tensor, iters: int = 500,
                    batch_size: int = 32, lr: float = 1e-2, reg: float = 0.01,
                    seed: int = config.SEED, progress: bool = True) -> list[LayerRounding]:
     """Learn each weight's rounding (and bias) of a calibrated PTQ wrapper; ready for convert()."""
