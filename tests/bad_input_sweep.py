@@ -196,8 +196,8 @@ def ptq_wrapper(ctx: Ctx) -> Any:
 
 def int_onnx(ctx: Ctx) -> Path:
     """The integer ONNX of the PTQ wrapper."""
-    return ctx.get("int_onnx", lambda: export.export_integer_onnx(
-        ptq_wrapper(ctx).integer_model, ctx.root / "int8.onnx"))
+    return ctx.get("int_onnx", lambda: Path(ptq_wrapper(ctx).export(
+        torch.zeros(1, *config.INPUT_SHAPE), ctx.root / "int8.onnx")))
 
 
 def edited_int_onnx(ctx: Ctx, edit: Callable[[Any], None]) -> Path:
