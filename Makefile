@@ -7,15 +7,38 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
+# Notebooks that quantize: CI runs them a second time on TI's own package.
+QUANT_NOTEBOOKS := $(wildcard notebooks/0[456]_*.ipynb)
+# TI's tinyml_torchmodelopt 1.4.0: a wheel beside the repository (offline), else TI's GitHub at
+# the commit the wheel was built from.
+TI_WHEEL := $(firstword $(wildcard ../shared/vendor/tinyml_torchmodelopt-1.4.0-*.whl))
+TI_REPO := https://github.com/TexasInstruments/tinyml-tensorlab.git
+TI_COMMIT := ca0ef4793f56158d5e768ef58cd2dfda9f56499b
+TI_GIT := tinyml_torchmodelopt @ git+$(TI_REPO)@$(TI_COMMIT)\#subdirectory=tinyml-modeloptimization/torchmodelopt
+HAS_TI = $(BIN)/python -c "import tinyml_torchmodelopt" 2>/dev/null
 
 .PHONY: setup course test lab notebooks benchmarks clean
 
+# Headless runs print Netron's command instead of starting its server (`make lab` embeds it).
+course test notebooks: export KWS_NETRON ?= print
+
 setup: $(STAMP)
 
-$(STAMP): requirements.txt pyproject.toml
+$(STAMP): requirements.txt requirements-ti.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -r requirements.txt
+	@if [ -n "$(TI_WHEEL)" ]; then \
+	  echo "Installing TI's tinyml_torchmodelopt from $(TI_WHEEL)"; \
+	  $(BIN)/pip install --quiet -r requirements-ti.txt && \
+	  $(BIN)/pip install --quiet --no-deps "$(TI_WHEEL)"; \
+	elif timeout 20 git ls-remote $(TI_REPO) HEAD >/dev/null 2>&1; then \
+	  echo "Installing TI's tinyml_torchmodelopt from GitHub at $(TI_COMMIT)"; \
+	  $(BIN)/pip install --quiet -r requirements-ti.txt && \
+	  $(BIN)/pip install --quiet --no-deps "$(TI_GIT)"; \
+	else \
+	  echo "TI's tinyml_torchmodelopt is not available (no wheel in ../shared/vendor, GitHub unreachable): the course uses kws_utils.quant."; \
+	fi
 	touch $(STAMP)
 
 # The full course on the default profile; executed copies go to output/notebooks/.
@@ -28,10 +51,18 @@ course: setup
 	done
 	@echo "Executed notebooks in output/notebooks/, artifacts in output/artifacts/."
 
-# Unit tests, then every notebook under nbval on the small CI profile and the offline dataset.
+# Unit tests, then every notebook under nbval on the small CI profile and the offline dataset;
+# then the quantization notebooks again on TI's package (KWS_QUANT_BACKEND=ti) when installed.
 test: setup
 	KWS_PROFILE=ci KWS_DATASET=$${KWS_DATASET:-synthetic} $(BIN)/python -m pytest -q \
 	  --nbval-lax --nbval-current-env --nbval-cell-timeout=1800 tests notebooks
+	@if $(HAS_TI); then \
+	  echo "== notebooks 04-06 on TI's tinyml_torchmodelopt (KWS_QUANT_BACKEND=ti)"; \
+	  KWS_QUANT_BACKEND=ti KWS_PROFILE=ci KWS_DATASET=$${KWS_DATASET:-synthetic} $(BIN)/python -m pytest -q \
+	    --nbval-lax --nbval-current-env --nbval-cell-timeout=1800 $(QUANT_NOTEBOOKS); \
+	else \
+	  echo "TI's tinyml_torchmodelopt is not installed: notebooks 04-06 ran on kws_utils.quant only."; \
+	fi
 
 lab: setup
 	$(BIN)/jupyter lab notebooks/

@@ -26,7 +26,7 @@ def run() -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out["float32_ms"] = round(deploy.latency_ms(export.export_onnx(net, Path(tmp) / "f.onnx"), RUNS), 4)
         for bits in quant.WEIGHT_BITS:
-            path = quant.ptq(net, bits, x).integer_model.export(x[:1], Path(tmp) / f"i{bits}.onnx")
+            path = quant.export_integer(quant.ptq(net, bits, x), Path(tmp) / f"i{bits}.onnx")
             out[f"int{bits}_ms"] = round(deploy.latency_ms(path, RUNS), 4)
     return out
 

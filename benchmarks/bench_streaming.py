@@ -43,7 +43,7 @@ def run() -> dict:
     calib = torch.stack(list(streaming.stream_features(audio[:5 * config.SAMPLE_RATE], 100)))[:, None]
     out: dict = {"audio_seconds": SECONDS, "torch_threads": torch.get_num_threads()}
     with tempfile.TemporaryDirectory() as tmp:
-        onnx = quant.ptq(model.DSCNN().eval(), 8, calib).integer_model.export(calib[:1], Path(tmp) / "m.onnx")
+        onnx = quant.export_integer(quant.ptq(model.DSCNN().eval(), 8, calib), Path(tmp) / "m.onnx")
         for hop in HOPS_MS:
             for mode, incremental in (("incremental", True), ("recompute", False)):
                 feats = lambda: list(streaming.stream_features(audio, hop, incremental))

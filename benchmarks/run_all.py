@@ -13,7 +13,8 @@ sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).
 from kws_utils import config  # noqa: E402
 
 # Benchmark modules in course order; each has run() -> dict of figures.
-MODULES = ["bench_features", "bench_data", "bench_training", "bench_deploy", "bench_streaming"]
+MODULES = ["bench_features", "bench_data", "bench_training", "bench_deploy", "bench_streaming",
+           "bench_rounding"]
 
 
 def cpu_name() -> str:

@@ -12,6 +12,14 @@ from pathlib import Path
 from kws_utils.errors import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# A plain (non-editable) pip install, as in Colab, has no repository around the package: data and
+# outputs then go under the working folder rather than into site-packages.
+WORK_ROOT = REPO_ROOT if (REPO_ROOT / "pyproject.toml").is_file() else Path.cwd()
+# The course's public repository: the Colab badges and the notebooks' set-up cell install from it.
+# OWNER is a placeholder until the repository is published: set the real address here, re-run the
+# notebook patch, and tests/test_notebooks_setup.py checks that every notebook uses it.
+COURSE_REPO_URL = "https://github.com/OWNER/kws-course"
+COURSE_BRANCH = "main"
 
 # MLPerf Tiny KWS label order (the reference model's output index is the position here).
 LABELS: tuple[str, ...] = (
@@ -72,27 +80,61 @@ if not 0 <= SEED < 2**32:
 
 @dataclass(frozen=True)
 class Profile:
-    """How much work one run of the course does; only the amount changes, never the method."""
+    """How much work one run of the course does; only the amount changes, never the method.
+
+    The training recipe follows TI's keyword-spotting example (tinyml-tensorlab,
+    examples/audio_keyword_spotting/main.py): SGD without momentum, weight decay 1e-4,
+    CrossEntropyLoss, CosineAnnealingLR(T_max=epochs) stepped once per epoch, QAT at lr / 100 for
+    TI's number of QAT epochs (``qat_epochs``). The MLPerf Tiny reference trains differently (Adam,
+    a step schedule, 36 epochs, in TensorFlow). The fields marked "departure" leave TI's recipe;
+    they are off by default and compared with it by ``scripts/recipe_compare.py``.
+    """
 
     name: str
     synth_speakers: int          # synthetic dataset: number of distinct synthetic speakers
     synth_test_per_class: int    # synthetic official test set: clips per class (real one: 408)
-    epochs: int                  # float training epochs (MLPerf: 10)
+    epochs: int                  # float training epochs
     batch_size: int
     lr: float                    # SGD initial learning rate (cosine-annealed to 0)
     aug_views: int               # cached augmented copies of the training set, cycled per epoch
-    qat_epochs: int              # QAT fine-tuning epochs per variant
-    qat_lr: float                # QAT initial learning rate; 0.005 made 2-bit QAT collapse
     calib_clips: int             # PTQ calibration clips from the validation set
+    rounding_iters: int = 1000   # learned-rounding (quant.learn_rounding) steps per layer
+    qat_epochs_cap: int | None = None   # None: TI's rule (see qat_epochs); an int caps it (CI only)
+    momentum: float = 0.0        # departure if > 0: SGD momentum (TI's example uses none)
+    per_batch_schedule: bool = False    # departure: step the cosine schedule every batch, not epoch
+    int2_qat_lr: float | None = None    # departure: a QAT learning rate for 2-bit weights only
+
+    @property
+    def qat_lr(self) -> float:
+        """TI's QAT learning rate: the float one divided by 100."""
+        return self.lr / 100
+
+    @property
+    def qat_epochs(self) -> int:
+        """QAT epochs of an 8-bit model by TI's rule (see qat_epochs_for)."""
+        return qat_epochs_for(8, self)
 
 
+def qat_epochs_for(weight_bits: int, prof: "Profile") -> int:
+    """TI's rule: 10x the float epochs below 8 bits, else max(epochs // 2, 5); capped by the profile."""
+    epochs = prof.epochs * 10 if weight_bits < 8 else max(prof.epochs // 2, 5)
+    return min(epochs, prof.qat_epochs_cap) if prof.qat_epochs_cap is not None else epochs
+
+
+def qat_lr_for(weight_bits: int, prof: "Profile") -> float:
+    """QAT learning rate: TI's lr / 100, unless the profile names an int2 departure."""
+    if weight_bits == 2 and prof.int2_qat_lr is not None:
+        return prof.int2_qat_lr
+    return prof.qat_lr
+
+
+# lr 0.5 without momentum is TI's example's value (its batch is 489; ours 100).
 PROFILES = {
     "default": Profile("default", synth_speakers=600, synth_test_per_class=408, epochs=10,
-                       batch_size=100, lr=0.05, aug_views=4, qat_epochs=4, qat_lr=0.002,
-                       calib_clips=1000),
+                       batch_size=100, lr=0.5, aug_views=4, calib_clips=1000),
     "ci": Profile("ci", synth_speakers=60, synth_test_per_class=40, epochs=8,
-                  batch_size=100, lr=0.05, aug_views=2, qat_epochs=2, qat_lr=0.002,
-                  calib_clips=200),
+                  batch_size=100, lr=0.5, aug_views=2, calib_clips=200, qat_epochs_cap=2,
+                  rounding_iters=100),
 }
 
 
@@ -114,7 +156,7 @@ def dataset_choice() -> str:
 
 def data_root() -> Path:
     """Where datasets, downloads and feature caches live (KWS_DATA_ROOT, default ./data)."""
-    return Path(os.environ.get("KWS_DATA_ROOT", REPO_ROOT / "data"))
+    return Path(os.environ.get("KWS_DATA_ROOT", WORK_ROOT / "data"))
 
 
 def real_data_dir() -> Path:
@@ -139,19 +181,109 @@ def synthetic_test_dir() -> Path:
 
 def output_dir() -> Path:
     """Where a course run writes everything it makes (KWS_OUTPUT, default ./output)."""
-    return Path(os.environ.get("KWS_OUTPUT", REPO_ROOT / "output"))
+    return Path(os.environ.get("KWS_OUTPUT", WORK_ROOT / "output"))
 
 
-def artifacts_dir() -> Path:
-    """Where checkpoints, ONNX files and C headers go, one folder per profile and dataset."""
-    path = output_dir() / "artifacts" / profile().name
+_ACTIVE_DATASET: list[str] = []   # set by data.ensure_dataset: the dataset really in use
+
+
+def set_active_dataset(kind: str) -> None:
+    """Record which dataset (``real`` or ``synthetic``) this process uses, for artifacts_dir."""
+    if kind not in ("real", "synthetic"):
+        raise ValueError(f"dataset kind {kind!r}: use 'real' or 'synthetic'.")
+    _ACTIVE_DATASET[:] = [kind]
+
+
+def artifacts_dir(dataset: str | None = None) -> Path:
+    """output/artifacts/<profile>/<dataset>/: checkpoints, ONNX files and C headers of one run.
+
+    ``dataset`` defaults to the one data.ensure_dataset resolved in this process; before any
+    dataset is resolved (e.g. notebook 02's untrained model) it is ``untrained``.
+    """
+    kind = dataset or (_ACTIVE_DATASET[0] if _ACTIVE_DATASET else "untrained")
+    path = output_dir() / "artifacts" / profile().name / kind
     path.mkdir(parents=True, exist_ok=True)
     return path
 
 
+# Public sources of the MLPerf Tiny artifacts, at pinned commits (files byte-identical to the
+# copies the course's SHA-256 manifest, kws_utils/mlperf_manifest.json, describes).
+MLPERF_KWS01_URL = ("https://raw.githubusercontent.com/eembc/energyrunner/"
+                    "cf7c2f2634608a7c0ea7458ab7cb3379f2863424/datasets/kws01")
+MLPERF_CHECKPOINT_URL = (
+    "https://raw.githubusercontent.com/TexasInstruments/tinyml-tensorlab/"
+    "ca0ef4793f56158d5e768ef58cd2dfda9f56499b/tinyml-modeloptimization/torchmodelopt/examples/"
+    "audio_keyword_spotting/trained_models/kws_dscnn_pb2pth_checkpoint.pth")
+
+
+def mlperf_local_dirs() -> list[Path]:
+    """Folders that may hold a local copy of the MLPerf artifacts, in the order they are tried."""
+    dirs = [Path(os.environ["KWS_MLPERF_DIR"])] if os.environ.get("KWS_MLPERF_DIR") else []
+    return dirs + [REPO_ROOT.parent / "shared" / "mlperf"]
+
+
+def mlperf_download_dir() -> Path:
+    """Where the MLPerf artifacts are downloaded to when there is no local copy."""
+    return data_root() / "mlperf"
+def progress_mode() -> str:
+    """Progress bars, from KWS_PROGRESS: ``text`` (default, saves cleanly), ``widget`` or ``none``."""
+    mode = os.environ.get("KWS_PROGRESS", "text")
+    if mode not in ("text", "widget", "none"):
+        raise ValueError(f"KWS_PROGRESS={mode!r}: use 'text', 'widget' or 'none'.")
+    return mode
+
+
 def mlperf_dir() -> Path:
-    """The real MLPerf Tiny artifacts (kws01 inputs, reference weights), if present."""
-    return Path(os.environ.get("KWS_MLPERF_DIR", REPO_ROOT.parent / "shared" / "mlperf"))
+    """The first local copy of the MLPerf artifacts that exists, else the download folder."""
+    return next((d for d in mlperf_local_dirs() if d.is_dir()), mlperf_download_dir())
+
+
+def mlperf_kws01_url() -> str:
+    """Base URL of the folder with y_labels.csv and the kws01 .bin files (KWS_MLPERF_KWS01_URL)."""
+    return os.environ.get("KWS_MLPERF_KWS01_URL", MLPERF_KWS01_URL).rstrip("/")
+
+
+def mlperf_checkpoint_url() -> str:
+    """URL of the MLPerf reference DS-CNN checkpoint (KWS_MLPERF_CHECKPOINT_URL overrides)."""
+    return os.environ.get("KWS_MLPERF_CHECKPOINT_URL", MLPERF_CHECKPOINT_URL)
+
+
+def netron_mode() -> str:
+    """``embed`` Netron in the notebook or only ``print`` its command (KWS_NETRON, default auto)."""
+    choice = os.environ.get("KWS_NETRON", "auto")
+    if choice not in ("auto", "embed", "print"):
+        raise ValueError(f"KWS_NETRON={choice!r}: use 'auto', 'embed' or 'print'.")
+    # Headless CI runs must not start servers; `make` sets print for its headless runs too.
+    if choice == "auto":
+        return "print" if profile().name == "ci" else "embed"
+    return choice
+
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+def device_choice() -> str:
+    """The compute device asked for by KWS_DEVICE: ``auto`` (default), ``cpu``, ``cuda`` or ``mps``."""
+    choice = os.environ.get("KWS_DEVICE", "auto").strip().lower()
+    if choice not in DEVICES:
+        raise ValueError(f"KWS_DEVICE={choice!r} is not a device; use one of {DEVICES}.")
+    return choice
+
+
+def device() -> "torch.device":
+    """Where float training, QAT, calibration and evaluation run (``auto``: CUDA, MPS, then CPU)."""
+    import torch   # here, so reading the other settings does not need torch
+
+    choice = device_choice()
+    mps = getattr(torch.backends, "mps", None)
+    available = {"cpu": True, "cuda": torch.cuda.is_available(),
+                 "mps": bool(mps and mps.is_available())}
+    if choice == "auto":
+        return torch.device(next(d for d in ("cuda", "mps", "cpu") if available[d]))
+    if not available[choice]:
+        raise RuntimeError(f"KWS_DEVICE={choice!r}, but PyTorch sees no {choice} device on this "
+                           f"machine (torch {torch.__version__}). Use KWS_DEVICE=auto or cpu.")
+    return torch.device(choice)
 
 
 def quant_backend_choice() -> str:

@@ -26,9 +26,9 @@ import soundfile as sf
 import torch
 from scipy.signal import resample_poly
 from torch.utils.data import WeightedRandomSampler
-from tqdm.auto import tqdm
 
-from kws_utils import config, synthetic
+from kws_utils import config, progress, synthetic
+from kws_utils.files import atomic_path
 from kws_utils.errors import (FileFormatError, InputError, InputTypeError, KWSError,
                               MissingFileError)
 
@@ -131,7 +131,10 @@ def fix_length(wave: np.ndarray, length: int = config.CLIP_SAMPLES) -> np.ndarra
 
 def load_kws01(folder: str | Path | None = None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """Read the EEMBC/MLPerf kws01 files: float MFCC (N, 1, 49, 10), labels (N,), file names."""
-    folder = Path(folder) if folder is not None else config.mlperf_dir() / "kws01"
+    if folder is None:
+        from kws_utils import mlperf   # imported here: mlperf downloads with this module's code
+        folder = mlperf.kws01_dir()
+    folder = Path(folder)
     labels_csv = folder / "y_labels.csv"
     if not labels_csv.is_file():
         raise MissingFileError(f"{labels_csv} not found: point to the kws01 folder of the MLPerf "
@@ -236,7 +239,7 @@ def _offline_help(url: str, err: object) -> str:
             "folder, and set KWS_DATA_DIR and KWS_TEST_DIR to those folders.")
 
 
-def _fetch(url: str, part: Path, size: int | None) -> str:
+def _fetch(url: str, part: Path, size: int | None, show_progress: bool = True) -> str:
     """Stream ``url`` into ``part`` with a progress bar; return the SHA-256 of what arrived."""
     try:
         response = urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S)
@@ -248,7 +251,8 @@ def _fetch(url: str, part: Path, size: int | None) -> str:
     expected = size or int(response.headers.get("Content-Length") or 0) or None
     try:
         with response, part.open("wb") as out, \
-                tqdm(total=expected, unit="B", unit_scale=True, desc=Path(url).name) as bar:
+                progress.bar(total=expected, unit="B", unit_scale=True, desc=Path(url).name,
+                             disable=not show_progress) as bar:
             while block := response.read(1 << 20):
                 out.write(block)
                 digest.update(block)
@@ -262,23 +266,19 @@ def _fetch(url: str, part: Path, size: int | None) -> str:
     return digest.hexdigest()
 
 
-def download(url: str, dest: Path, sha256: str, size: int | None = None) -> Path:
-    """Download ``url`` to ``dest`` through a ``.part`` file, kept only if complete and verified."""
+def download(url: str, dest: Path, sha256: str, size: int | None = None,
+             show_progress: bool = True) -> Path:
+    """Download ``url`` to ``dest`` via a temporary name, renamed into place only if verified."""
     dest = Path(dest)
     if dest.is_file() and file_sha256(dest) == sha256:
         return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(dest.name + ".part")
-    try:
-        digest = _fetch(url, part, size)
+    # atomic_path deletes the temporary file on any error (even Ctrl-C), so nothing that could
+    # pass as complete is ever left behind.
+    with atomic_path(dest) as part:
+        digest = _fetch(url, part, size, show_progress)
         if digest != sha256:
             raise DownloadError(f"{url}: checksum mismatch (got sha256 {digest}, expected "
                                 f"{sha256}). The file was deleted; try again later.")
-    except BaseException:
-        # Whatever went wrong (even Ctrl-C), never leave a file that could pass as complete.
-        part.unlink(missing_ok=True)
-        raise
-    part.replace(dest)
     return dest
 
 
@@ -453,6 +453,13 @@ def _synthetic_info(reason: str = "") -> DatasetInfo:
 
 
 def ensure_dataset() -> DatasetInfo:
+    """The dataset chosen by KWS_DATASET, made ready; artifacts then go to its own folder."""
+    info = _resolve_dataset()
+    config.set_active_dataset(info.kind)
+    return info
+
+
+def _resolve_dataset() -> DatasetInfo:
     """The dataset chosen by KWS_DATASET, made ready (downloaded, extracted or generated)."""
     choice = config.dataset_choice()
     if choice == "synthetic":
@@ -559,7 +566,7 @@ def load_clips(clips: list[Clip], desc: str = "loading clips") -> np.ndarray:
     """Read clips as int16 (N, 16000): 1 s, zero-padded/cropped; silence cuts from recordings."""
     out = np.zeros((len(clips), config.CLIP_SAMPLES), dtype=np.int16)
     recordings: dict[str, np.ndarray] = {}     # each long background file is read once
-    for i, clip in enumerate(tqdm(clips, desc=desc, unit="clip")):
+    for i, clip in enumerate(progress.bar(clips, desc=desc, unit="clip")):
         if clip.offset is None:
             out[i] = fix_length(load_audio(clip.path))
             continue

@@ -2,8 +2,8 @@
 
 Everything here starts from the exported file, so it checks what will actually ship:
 
-- ``load_integer_onnx`` reads the integer weights, biases and requantization constants of the
-  ONNX graph written by ``kws_utils.export.export_integer_onnx`` into a ``quant.IntegerModel``;
+- ``load_integer_onnx`` (``kws_utils.tinpu_onnx``) reads the integer weights and requantization
+  constants of a TINPU integer ONNX file, TI's export or the course's, into an ``NpuModel``;
 - ``numpy_reference`` executes that model with int64 NumPy arithmetic (im2col + einsum), the
   computation the NPU performs, and must match onnxruntime bit for bit;
 - ``write_header`` / ``read_header`` / ``unpack`` move the packed parameters into firmware and
@@ -24,85 +24,39 @@ from numpy.lib.stride_tricks import sliding_window_view
 from onnx import numpy_helper
 from torch import nn
 
-from kws_utils import config, export, model as kws_model, quant, streaming
-from kws_utils import files
+from kws_utils import config, files, model as kws_model, quant, streaming, tinpu_onnx
 
 OPS = ("conv", "avgpool", "linear")
-_NODE_OPS = {"Conv": "conv", "Gemm": "linear", "ReduceSum": "avgpool"}
-_C_TYPES = {"int8_t": np.int8, "uint8_t": np.uint8, "int32_t": np.int32}
-# Notebook 06's own PTQ export, used when notebook 05 left no float-output file.
+INPUT_STEPS = ("Add", "Mul", "Div", "Floor", "Round")
+_C_TYPES = {"int8_t": np.int8, "uint8_t": np.uint8, "int16_t": np.int16, "int32_t": np.int32}
 
 
 # ----------------------------------------------------------------------------- ONNX -> model
-def _initializers(proto: onnx.ModelProto) -> dict[str, np.ndarray]:
-    """All initializers of the graph as NumPy arrays."""
-    return {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+load_integer_onnx = tinpu_onnx.load_integer_onnx
+NpuModel, NpuLayer = tinpu_onnx.NpuModel, tinpu_onnx.NpuLayer
 
 
-def _attrs(node: onnx.NodeProto) -> dict:
-    """A node's attributes as plain Python values."""
-    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-
-
-def weight_bits_of(weights: list[np.ndarray]) -> int:
-    """Smallest NPU weight width (8, 4, 2) whose symmetric range holds all the weights."""
-    peak = max(int(np.abs(w).max()) for w in weights)
-    fitting = [b for b in sorted(quant.WEIGHT_BITS) if peak <= 2 ** (b - 1) - 1]
-    if not fitting:
-        raise ValueError(f"weights reach {peak}: beyond int8, not an NPU integer model.")
-    return fitting[0]
-
-
-def _layer(name: str, op: str, node: onnx.NodeProto, init: dict[str, np.ndarray]) -> quant.IntLayer:
-    """One IntLayer from its ONNX node and the initializers named after it."""
-    a = _attrs(node)
-    weight = init.get(f"{name}.weight")
-    shift = np.rint(-np.log2(init[f"{name}.shift_scale"].ravel())).astype(np.int32)
-    pads = a.get("pads", [0, 0, 0, 0])
-    return quant.IntLayer(
-        name=name, op=op, weight=None if weight is None else weight.astype(np.int8),
-        bias=None if weight is None else init[f"{name}.bias"].astype(np.int32),
-        stride=tuple(a.get("strides", (1, 1))), padding=(int(pads[0]), int(pads[1])),
-        groups=int(a.get("group", 1)), offset=init[f"{name}.offset"].ravel().astype(np.int32),
-        mult=init[f"{name}.mult"].ravel().astype(np.int32), shift=shift,
-        qmin=int(init[f"{name}.qmin"]), qmax=int(init[f"{name}.qmax"]), weight_bits=None,
-        input_scale=float("nan"), weight_scale=None, output_scale=float("nan"))
-
-
-def load_integer_onnx(path: str | Path) -> quant.IntegerModel:
-    """The integer model held in an exported integer ONNX file (weight_bits inferred)."""
-    proto = onnx.load(str(path))
-    init = _initializers(proto)
-    if "input.scale" not in init:
-        raise ValueError(f"{path} is not an integer model written by export_integer_onnx "
-                         "(no 'input.scale' initializer); the float model has no integers to read.")
-    layers = [_layer(n.name.rsplit("/", 1)[0], _NODE_OPS[n.op_type], n, init)
-              for n in proto.graph.node if n.op_type in _NODE_OPS]
-    bits = weight_bits_of([l.weight for l in layers if l.weight is not None])
-    for layer in layers:
-        layer.weight_bits = bits if layer.weight is not None else None
-    meta = {p.key: p.value for p in proto.metadata_props}
-    layers[-1].output_scale = float(init.get("output.scale", meta.get(export.OUTPUT_SCALE_KEY, np.nan)))
-    dims = proto.graph.input[0].type.tensor_type.shape.dim[1:]
-    return quant.IntegerModel((float(init["input.scale"]), int(init["input.qmin"]),
-                               int(init["input.qmax"])), layers, tuple(d.dim_value for d in dims),
-                              "float" if "output.scale" in init else "int8")
-
-
-def _as_model(source: str | Path | quant.IntegerModel) -> quant.IntegerModel:
-    """An IntegerModel from itself or from an integer ONNX file."""
-    return source if isinstance(source, quant.IntegerModel) else load_integer_onnx(source)
+def _as_model(source: str | Path | NpuModel) -> NpuModel:
+    """An NpuModel from itself or from a TINPU integer ONNX file."""
+    return source if isinstance(source, NpuModel) else load_integer_onnx(source)
 
 
 # ----------------------------------------------------------------------------- NumPy reference
-def _requantize(acc: np.ndarray, layer: quant.IntLayer, axis_shape: list[int]) -> np.ndarray:
-    """clamp(floor((acc + offset) * mult / 2**shift)): an arithmetic right shift is the floor."""
+def _requantize(acc: np.ndarray, layer: NpuLayer, axis_shape: list[int]) -> np.ndarray:
+    """clamp(floor((acc + offset) * mult / 2**shift)), the product as the file computes it."""
     offset, mult, shift = (np.asarray(v, np.int64).reshape(axis_shape)
                            for v in (layer.offset, layer.mult, layer.shift))
-    return np.clip(((acc + offset) * mult) >> shift, layer.qmin, layer.qmax)
+    if layer.float32_product:
+        # TI's graph multiplies in float32: identical to the integer shift while the product
+        # stays below 2**24, rounded above it. Follow the file so the check is bit for bit.
+        m = (mult * np.exp2(-shift.astype(np.float64))).astype(np.float32)
+        y = np.floor((acc + offset).astype(np.float32) * m).astype(np.int64)
+    else:
+        y = ((acc + offset) * mult) >> shift   # an arithmetic right shift is the floor
+    return np.clip(y, layer.qmin, layer.qmax)
 
 
-def conv_int(x: np.ndarray, layer: quant.IntLayer) -> np.ndarray:
+def conv_int(x: np.ndarray, layer: NpuLayer) -> np.ndarray:
     """Grouped 2-D convolution of int64 activations (N, C, H, W) by im2col and einsum."""
     w = layer.weight.astype(np.int64)
     (ph, pw), (sh, sw), g = layer.padding, layer.stride, layer.groups
@@ -112,37 +66,38 @@ def conv_int(x: np.ndarray, layer: quant.IntLayer) -> np.ndarray:
     n, c, ho, wo = cols.shape[:4]
     cols = cols.reshape(n, g, c // g, ho, wo, kh, kw)
     wg = w.reshape(g, w.shape[0] // g, c // g, kh, kw)
-    acc = np.einsum("ngchwij,gocij->ngohw", cols, wg, optimize=True).reshape(n, -1, ho, wo)
-    return acc + layer.bias.astype(np.int64)[None, :, None, None]
+    return np.einsum("ngchwij,gocij->ngohw", cols, wg, optimize=True).reshape(n, -1, ho, wo)
 
 
-def run_layer(layer: quant.IntLayer, x: np.ndarray) -> np.ndarray:
+def _bias(layer: NpuLayer, shape: list[int]) -> np.ndarray | int:
+    """The layer's separate int32 bias (0 when it is folded into the offset, as in TI's form)."""
+    return 0 if layer.bias is None else layer.bias.astype(np.int64).reshape(shape)
+
+
+def run_layer(layer: NpuLayer, x: np.ndarray) -> np.ndarray:
     """One NPU layer on int64 activations: integer op + bias, then requantization."""
     if layer.op == "avgpool":
         return _requantize(x.sum(axis=(2, 3)), layer, [1, -1])
     if layer.op == "conv":
-        return _requantize(conv_int(x, layer), layer, [1, -1, 1, 1])
-    acc = x @ layer.weight.astype(np.int64).T + layer.bias.astype(np.int64)
+        return _requantize(conv_int(x, layer) + _bias(layer, [1, -1, 1, 1]), layer, [1, -1, 1, 1])
+    acc = x @ layer.weight.astype(np.int64).T + _bias(layer, [1, -1])
     return _requantize(acc, layer, [1, -1])
 
 
-def numpy_reference(source: str | Path | quant.IntegerModel, x: np.ndarray | torch.Tensor,
+def numpy_reference(source: str | Path | NpuModel, x: np.ndarray | torch.Tensor,
                     return_codes: bool = False) -> np.ndarray:
     """Run the integer model in pure NumPy integers: the same output as onnxruntime, bit for bit."""
     int_model = _as_model(source)
     x = np.asarray(x, dtype=np.float32)
     kws_model.check_input(torch.from_numpy(x))
-    # Same float32 division and round-half-to-even as the graph's Div/Round/Clip input stage.
-    q = np.clip(np.round(x / np.float32(int_model.input_scale)), int_model.input_qmin,
-                int_model.input_qmax).astype(np.int64)
+    q = int_model.input_stage.quantize(x)
     for layer in int_model.layers:
         q = run_layer(layer, q)
     if return_codes:
         return q
-    if int_model.output == "float":
+    if np.isfinite(int_model.output_scale):
         return q.astype(np.float32) * np.float32(int_model.output_scale)
-    torch_dtype = quant.output_int_dtype(int_model.layers[-1])
-    return q.astype(torch.empty(0, dtype=torch_dtype).numpy().dtype)
+    return q.astype(int_model.output_dtype)
 
 
 # ----------------------------------------------------------------------------- packing
@@ -189,12 +144,22 @@ def power2_exponent(scale: float) -> int | None:
     return int(exponent - 1) if mantissa == 0.5 else None
 
 
-def _layer_block(i: int, layer: quant.IntLayer) -> list[str]:
+def _int_ctype(values: np.ndarray) -> str:
+    """The smallest C integer type holding ``values``."""
+    lo, hi = int(np.min(values)), int(np.max(values))
+    for ctype, dtype in (("uint8_t", np.uint8), ("int8_t", np.int8), ("int16_t", np.int16)):
+        if np.iinfo(dtype).min <= lo and hi <= np.iinfo(dtype).max:
+            return ctype
+    return "int32_t"
+
+
+def _layer_block(i: int, layer: NpuLayer) -> list[str]:
     """#defines and arrays of one layer."""
     p = f"KWS_L{i}_"
     lines = [f"/* layer {i}: {layer.name} ({layer.op}) */",
              f"#define {p}OP KWS_OP_{layer.op.upper()}", f"#define {p}CHANNELS {len(layer.offset)}",
-             f"#define {p}QMIN {layer.qmin}", f"#define {p}QMAX {layer.qmax}"]
+             f"#define {p}QMIN {layer.qmin}", f"#define {p}QMAX {layer.qmax}",
+             f"#define {p}FLOAT32_PRODUCT {int(layer.float32_product)}"]
     if layer.weight is not None:
         shape = list(layer.weight.shape) + [1] * (4 - layer.weight.ndim)
         lines += [f"#define {p}{k} {v}" for k, v in zip(("COUT", "CIN_PER_GROUP", "KH", "KW"), shape)]
@@ -204,28 +169,48 @@ def _layer_block(i: int, layer: quant.IntLayer) -> list[str]:
                   f"#define {p}WEIGHT_COUNT {layer.weight.size}"]
         packed = pack(layer.weight, layer.weight_bits)
         lines += _c_array("int8_t" if layer.weight_bits == 8 else "uint8_t", f"kws_l{i}_weight", packed)
+    if layer.bias is not None:
         lines += _c_array("int32_t", f"kws_l{i}_bias", layer.bias)
     lines += _c_array("int32_t", f"kws_l{i}_offset", layer.offset)
-    lines += _c_array("uint8_t", f"kws_l{i}_mult", layer.mult)
+    lines += _c_array(_int_ctype(layer.mult), f"kws_l{i}_mult", layer.mult)
     lines += _c_array("uint8_t", f"kws_l{i}_shift", layer.shift)
     return lines + [""]
 
 
-def header_text(source: str | Path | quant.IntegerModel, guard: str = "KWS_MODEL_H") -> str:
+def _input_lines(m: NpuModel) -> list[str]:
+    """#defines of the input stage: its steps in order, and the scale they amount to."""
+    stage = m.input_stage
+    lines = [f"#define KWS_INPUT_QMIN {stage.qmin}", f"#define KWS_INPUT_QMAX {stage.qmax}",
+             f"#define KWS_INPUT_N_STEPS {len(stage.steps)}"]
+    for j, (op, c) in enumerate(stage.steps):
+        lines.append(f"#define KWS_INPUT_STEP{j}_OP KWS_STEP_{op.upper()}")
+        if c is not None:
+            lines.append(f"#define KWS_INPUT_STEP{j}_VALUE {float(c.ravel()[0])!r}f")
+    mult, div = stage.scalar("Mul"), stage.scalar("Div")
+    scale = 1 / mult if mult else div
+    if scale:
+        exp = power2_exponent(scale)
+        lines.append(f"#define KWS_INPUT_SCALE {scale!r}f  /* one input code is this much of x */")
+        if exp is not None:
+            lines.append(f"#define KWS_INPUT_SCALE_LOG2 ({exp})  /* scale = 2^({exp}) */")
+    return lines
+
+
+def header_text(source: str | Path | NpuModel, guard: str = "KWS_MODEL_H") -> str:
     """The C header of an integer model: shapes, bits, packed weights, requantization."""
     m = _as_model(source)
-    exp = power2_exponent(m.input_scale)
     lines = [f"#ifndef {guard}", f"#define {guard}", "/* TI NPU keyword-spotting model, generated by "
-             "kws_utils.deploy. Each layer: acc = op(x, w) + bias (int32);", " * y = clamp((acc + "
-             "offset) * mult >> shift, QMIN, QMAX). int4/int2 weights are packed 2/4 per byte,",
-             " * lowest bits first, two's complement; order (COUT, CIN_PER_GROUP, KH, KW). */",
+             "kws_utils.deploy from a TINPU integer ONNX file.", " * Input: q = clamp(steps(x), "
+             "INPUT_QMIN, INPUT_QMAX), the steps applied in order in float32.",
+             " * Each layer: acc = op(x, w) (+ bias) (int32); y = clamp((acc + offset) * mult >> "
+             "shift, QMIN, QMAX).", " * int4/int2 weights are packed 2/4 per byte, lowest bits "
+             "first, two's complement; order (COUT, CIN_PER_GROUP, KH, KW). */",
              "#include <stdint.h>", "", "#define KWS_OP_CONV 0", "#define KWS_OP_AVGPOOL 1",
-             "#define KWS_OP_LINEAR 2", f"#define KWS_N_LAYERS {len(m.layers)}",
+             "#define KWS_OP_LINEAR 2", *(f"#define KWS_STEP_{op.upper()} {j}" for j, op in
+                                        enumerate(INPUT_STEPS)),
+             f"#define KWS_N_LAYERS {len(m.layers)}",
              *(f"#define KWS_INPUT_{k} {v}" for k, v in zip(("C", "H", "W"), m.input_shape)),
-             f"#define KWS_INPUT_QMIN {m.input_qmin}", f"#define KWS_INPUT_QMAX {m.input_qmax}",
-             f"#define KWS_INPUT_SCALE {m.input_scale!r}f  /* q = round(x / scale) */"]
-    if exp is not None:
-        lines.append(f"#define KWS_INPUT_SCALE_LOG2 ({exp})  /* scale = 2^({exp}) */")
+             *_input_lines(m)]
     if np.isfinite(m.output_scale):
         lines.append(f"#define KWS_OUTPUT_SCALE {m.output_scale!r}f  /* logit = code * scale */")
     lines.append("")
@@ -234,9 +219,9 @@ def header_text(source: str | Path | quant.IntegerModel, guard: str = "KWS_MODEL
     return "\n".join(lines + [f"#endif  /* {guard} */", ""])
 
 
-def write_header(source: str | Path | quant.IntegerModel, path: str | Path) -> Path:
-    """Write the C header of an integer model (ONNX file or IntegerModel) to ``path``."""
-    return files.write_text(path, header_text(source))   # atomic: never a truncated header
+def write_header(source: str | Path | NpuModel, path: str | Path) -> Path:
+    """Write the C header of an integer model (ONNX file or NpuModel) to ``path``."""
+    return files.write_text(path, header_text(source))
 
 
 @dataclass
@@ -267,36 +252,40 @@ def read_header(path: str | Path) -> Header:
     return Header(defines, arrays)
 
 
-def _header_layer(h: Header, i: int) -> quant.IntLayer:
-    """Layer i of a parsed header as an IntLayer."""
+def _header_layer(h: Header, i: int) -> NpuLayer:
+    """Layer i of a parsed header as an NpuLayer."""
     d, a, p = h.defines, h.arrays, f"KWS_L{i}_"
     op = OPS[d[f"{p}OP"]]
-    weight = bias = None
+    weight = None
     if f"kws_l{i}_weight" in a:
         shape = [d[f"{p}{k}"] for k in ("COUT", "CIN_PER_GROUP", "KH", "KW")]
         weight = unpack(a[f"kws_l{i}_weight"], d[f"{p}WEIGHT_BITS"], d[f"{p}WEIGHT_COUNT"])
         weight = weight.reshape(shape if op == "conv" else shape[:2])
-        bias = a[f"kws_l{i}_bias"]
+    bias = a.get(f"kws_l{i}_bias")
     conv = op == "conv"
-    return quant.IntLayer(
-        name=f"layer{i}", op=op, weight=weight, bias=bias,
+    return NpuLayer(
+        name=f"layer{i}", op=op, weight=weight, bias=None if bias is None else bias.astype(np.int64),
         stride=(d[f"{p}STRIDE_H"], d[f"{p}STRIDE_W"]) if conv else (1, 1),
         padding=(d[f"{p}PAD_H"], d[f"{p}PAD_W"]) if conv else (0, 0),
-        groups=d[f"{p}GROUPS"] if conv else 1, offset=a[f"kws_l{i}_offset"].astype(np.int32),
-        mult=a[f"kws_l{i}_mult"].astype(np.int32), shift=a[f"kws_l{i}_shift"].astype(np.int32),
+        groups=d[f"{p}GROUPS"] if conv else 1, offset=a[f"kws_l{i}_offset"].astype(np.int64),
+        mult=a[f"kws_l{i}_mult"].astype(np.int64), shift=a[f"kws_l{i}_shift"].astype(np.int64),
         qmin=d[f"{p}QMIN"], qmax=d[f"{p}QMAX"], weight_bits=d.get(f"{p}WEIGHT_BITS"),
-        input_scale=float("nan"), weight_scale=None, output_scale=float("nan"))
+        float32_product=bool(d.get(f"{p}FLOAT32_PRODUCT", 0)))
 
 
-def model_from_header(path: str | Path) -> quant.IntegerModel:
+def model_from_header(path: str | Path) -> NpuModel:
     """Rebuild the integer model from a C header (to run it with numpy_reference)."""
     h = read_header(path)
     d = h.defines
+    steps = []
+    for j in range(d["KWS_INPUT_N_STEPS"]):
+        op = INPUT_STEPS[d[f"KWS_INPUT_STEP{j}_OP"]]
+        value = d.get(f"KWS_INPUT_STEP{j}_VALUE")
+        steps.append((op, None if value is None else np.array([value], np.float32)))
+    stage = tinpu_onnx.InputStage(steps, d["KWS_INPUT_QMIN"], d["KWS_INPUT_QMAX"])
     layers = [_header_layer(h, i) for i in range(d["KWS_N_LAYERS"])]
-    layers[-1].output_scale = d.get("KWS_OUTPUT_SCALE", float("nan"))
-    return quant.IntegerModel((d["KWS_INPUT_SCALE"], d["KWS_INPUT_QMIN"], d["KWS_INPUT_QMAX"]),
-                              layers, (d["KWS_INPUT_C"], d["KWS_INPUT_H"], d["KWS_INPUT_W"]),
-                              "float" if "KWS_OUTPUT_SCALE" in d else "int8")
+    return NpuModel(stage, layers, (d["KWS_INPUT_C"], d["KWS_INPUT_H"], d["KWS_INPUT_W"]),
+                    d.get("KWS_OUTPUT_SCALE", float("nan")), source=str(path))
 
 
 # ----------------------------------------------------------------------------- integer models
@@ -310,8 +299,7 @@ def integer_onnx_files(net: nn.Module, val_x: torch.Tensor) -> dict[int, Path]:
             print(f"int{bits}: using {found[0].name} from notebook 05")
             continue
         calib = quant.calibration_subset(val_x, config.profile().calib_clips)
-        int_model = quant.ptq(net, bits, calib).integer_model
-        out[bits] = int_model.export(val_x[:1], quant.variant_onnx_path(bits, "ptq"))
+        out[bits] = quant.export_integer(quant.ptq(net, bits, calib), quant.variant_onnx_path(bits, "ptq"))
         print(f"int{bits}: notebook 05 has not run; PTQ-calibrated here on {len(calib)} "
               f"validation clips -> {out[bits].name}")
     return out
@@ -341,13 +329,17 @@ BUDGET_HEADERS = ["variant", "weights (B)", "bias+requant (B)", "params total (B
                   "peak activations (B)", "MACs", "latency (ms)", "inferences/s", "CPU load (%)"]
 
 
-def integer_param_bytes(int_model: quant.IntegerModel) -> tuple[int, int]:
+packed_weight_bytes = tinpu_onnx.packed_weight_bytes
+
+
+def integer_param_bytes(source: str | Path | NpuModel) -> tuple[int, int]:
     """(packed weight bytes, bias + offset/mult/shift bytes) as laid out in the C header."""
-    weights = quant.packed_weight_bytes(int_model)
-    # int32 bias and offset, uint8 mult and shift per output channel
-    other = sum(4 * (l.bias.size if l.bias is not None else 0) + 6 * l.offset.size
-                for l in int_model.layers)
-    return weights, other
+    m = _as_model(source)
+    sizes = {"uint8_t": 1, "int8_t": 1, "int16_t": 2, "int32_t": 4}
+    # int32 bias (when separate) and offset, mult in its C type, uint8 shift per output channel
+    other = sum(4 * (l.bias.size if l.bias is not None else 0) + 5 * l.offset.size
+                + sizes[_int_ctype(l.mult)] * l.mult.size for l in m.layers)
+    return packed_weight_bytes(m), other
 
 
 def float_param_bytes(net: nn.Module) -> tuple[int, int]:

@@ -27,9 +27,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from kws_utils import config, files
+from kws_utils import config, files, progress
 from kws_utils.errors import InputError, InputTypeError
 
 LOWER_EDGE_HZ = 20.0      # mel filterbank range of the reference (TF's classic MFCC defaults)
@@ -295,7 +294,7 @@ def compute_features(waves: Array, batch_size: int = BATCH_SIZE,
     if len(waves):
         as_batch(waves, "waves")     # checks length, dtype and finite values once, up front
     out = torch.empty(len(waves), *config.INPUT_SHAPE)
-    for start in tqdm(range(0, len(waves), batch_size), desc=desc, unit="batch"):
+    for start in progress.bar(range(0, len(waves), batch_size), desc=desc, unit="batch"):
         batch = waves[start:start + batch_size]
         if augment is None:
             feats = mfcc(batch, dtype)

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from kws_utils import config, files
+from kws_utils import config, files, mlperf
 from kws_utils.errors import FileFormatError, InputError, InputTypeError, MissingFileError
 
 
@@ -92,8 +92,10 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
 
 
 def reference_model(path: str | Path | None = None) -> DSCNN:
-    """The MLPerf reference DS-CNN with its published weights, in eval mode."""
-    path = Path(path) if path is not None else config.mlperf_dir() / "kws_dscnn_pb2pth_checkpoint.pth"
+    """The MLPerf reference DS-CNN with its published weights (local copy or download), eval mode."""
+    if path is None:
+        path = mlperf.checkpoint_path()
+    path = Path(path)
     return load_checkpoint(DSCNN(), path).eval()
 
 

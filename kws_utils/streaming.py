@@ -21,10 +21,10 @@ import numpy as np
 import onnxruntime as ort
 import torch
 from scipy.signal import resample_poly
-from tqdm.auto import tqdm
 
 from kws_utils import config, data, export, features, plots
 from kws_utils.errors import InputError, InputTypeError
+from kws_utils.progress import bar as progress_bar
 
 FRAME_MS = 1000 * config.FRAME_STEP // config.SAMPLE_RATE          # 20 ms
 WINDOW_BLOCKS = config.CLIP_SAMPLES // config.FRAME_STEP             # 50 blocks of 20 ms per 1 s
@@ -166,11 +166,12 @@ def onnx_session(path: str) -> ort.InferenceSession:
 
 
 def logits_of(session: ort.InferenceSession, x: np.ndarray) -> np.ndarray:
-    """Float logits of a batch (N, 1, 49, 10); int8 output codes are scaled by the file's scale."""
+    """Float logits of a batch (N, 1, 49, 10); integer output codes are scaled by the file's scale."""
     out = session.run(None, {session.get_inputs()[0].name: x})[0]
-    if np.issubdtype(out.dtype, np.floating):
-        return out
     scale = session.get_modelmeta().custom_metadata_map.get(export.OUTPUT_SCALE_KEY)
+    if scale is None and np.issubdtype(out.dtype, np.floating):
+        return out
+    # TI's integer form carries the output codes in float32; the recorded scale turns them to logits
     if scale is None:
         raise InputError("the ONNX model outputs integer logit codes and records no output scale, "
                          "so no posteriors can be formed; export it with kws_utils (quant) again.")
@@ -192,8 +193,8 @@ def run_stream(onnx_path: str, audio: np.ndarray, sample_rate: int = config.SAMP
     torch.set_num_threads(1)
     try:
         logits = [logits_of(session, feats.numpy()[None, None])[0]
-                  for feats in tqdm(windows, total=n, desc="streaming", unit="hop",
-                                    disable=not progress)]
+                  for feats in progress_bar(windows, total=n, desc="streaming", unit="hop",
+                                         disable=not progress)]
     finally:
         torch.set_num_threads(threads)
     posteriors = softmax(np.stack(logits).astype(np.float64))
@@ -376,7 +377,8 @@ def plot_timeline(audio: np.ndarray, result: StreamResult, detections: Sequence[
     b.axhline(threshold, color="k", ls="--", lw=0.8, label="threshold")
     b.set(title=f"Smoothed posteriors ({result.smooth_ms} ms average, hop {result.hop_ms} ms)",
           ylabel="posterior", ylim=(0, 1.05))
-    b.legend(ncol=6, fontsize=7, loc="upper right")
+    # outside the axes, so that it never hides a posterior curve
+    b.legend(ncol=1, fontsize=7, loc="upper left", bbox_to_anchor=(1.005, 1.0), borderaxespad=0)
     for ev in events:
         color = "tab:green" if ev.label in KEYWORD_IDS else "0.7"
         c.axvspan(ev.start_s, ev.end_s, 0.5, 1.0, color=color, alpha=0.4)
@@ -394,8 +396,19 @@ def plot_timeline(audio: np.ndarray, result: StreamResult, detections: Sequence[
     return fig
 
 
+def _log_ticks(values: np.ndarray) -> list[float]:
+    """Ticks 1-2-5 per decade spanning ``values`` (and 0 when present), readable on a log axis."""
+    positive = values[values > 0]
+    if not len(positive):
+        return [0.0]
+    low, high = np.floor(np.log10(positive.min())), np.ceil(np.log10(positive.max()))
+    ticks = [m * 10.0 ** e for e in np.arange(low, high + 1) for m in (1, 2, 5)]
+    ticks = [t for t in ticks if positive.min() / 2 <= t <= positive.max() * 2]
+    return ([0.0] if (values == 0).any() else []) + ticks
+
+
 def plot_det(scores: Sequence[Score], source: str, chosen: float | None = None) -> plt.Figure:
-    """DET-style curve: miss rate against false alarms per hour, one point per threshold."""
+    """DET curve: miss rate against false alarms per hour on log axes, one point per threshold."""
     if not scores:
         raise InputError("no scores to plot: pass the output of sweep() over some thresholds.")
     fa = np.array([s.fa_per_hour for s in scores])
@@ -406,8 +419,21 @@ def plot_det(scores: Sequence[Score], source: str, chosen: float | None = None) 
         if chosen is not None and np.isclose(s.threshold, chosen):
             ax.plot(s.fa_per_hour, s.miss_rate * 100, "r*", ms=14, label=f"threshold {chosen:g}")
             ax.legend()
+    # Operating points span decades of FA/h; a zero (no false alarm, no miss) needs the linear
+    # part of a symmetric log scale, so symlog is used only then.
+    for values, set_scale in ((fa, ax.set_xscale), (miss, ax.set_yscale)):
+        positive = values[values > 0]
+        if len(positive) and (values == 0).any():
+            set_scale("symlog", linthresh=positive.min())
+        elif len(positive):
+            set_scale("log")
+    for values, set_ticks in ((fa, ax.set_xticks), (miss, ax.set_yticks)):
+        set_ticks(_log_ticks(values))
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_major_formatter(plt.FuncFormatter(lambda v, _: f"{v:g}"))
+        axis.set_minor_formatter(plt.NullFormatter())
     ax.set(title=f"Detection error trade-off\n{plots.source_tag(source)}",
-           xlabel="false alarms per hour", ylabel="miss rate (%)")
-    ax.grid(alpha=0.3)
+           xlabel="false alarms per hour (log scale)", ylabel="miss rate (%, log scale)")
+    ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
     return fig

@@ -30,9 +30,8 @@ from typing import Iterator
 import numpy as np
 import soundfile as sf
 from scipy.signal import butter, firwin, resample_poly, sosfilt
-from tqdm.auto import tqdm
 
-from kws_utils import config, files
+from kws_utils import config, files, progress
 from kws_utils.errors import InputError, TargetExistsError
 
 GENERATOR_VERSION = 1      # bump when the output changes, so old folders are regenerated
@@ -464,7 +463,7 @@ def _run_shards(root: Path, shards: list[list[Job]], speakers: list[Speaker], wo
     for folder in {str(Path(job.relpath).parent) for shard in shards for job in shard}:
         (root / folder).mkdir(parents=True, exist_ok=True)
     tasks = [(str(root), shard, speakers) for shard in shards]
-    with tqdm(total=sum(len(shard) for shard in shards), desc=desc, unit="clip") as bar:
+    with progress.bar(total=sum(len(shard) for shard in shards), desc=desc, unit="clip") as bar:
         if workers <= 1:
             for task in tasks:
                 bar.update(_render_shard(task))
@@ -596,3 +595,23 @@ def ensure_synthetic(train_dir: Path, test_dir: Path, speakers: int, per_class: 
             print(f"{test_dir} is incomplete or was made with other settings: regenerating.")
         generate_test_set(test_dir, speakers, per_class, seed, workers)
     return train_dir, test_dir
+
+
+# ----------------------------------------------------------------------------- example clip
+EXAMPLE_STREAM = 7   # seed stream of the course's example clip: a speaker of no dataset split
+
+
+def example_clip(word: str = "yes", seed: int = config.SEED) -> np.ndarray:
+    """One deterministic int16 utterance of ``word`` by a speaker outside every generated split."""
+    if word not in config.ALL_WORDS:
+        raise ValueError(f"word {word!r} is not one of the 35 Speech Commands words: "
+                         f"use one of {', '.join(config.ALL_WORDS)}.")
+    rng = np.random.default_rng([seed, EXAMPLE_STREAM])
+    speaker = Speaker(index=-1, sid="example", split="example", voice="en-us+f2", rate=160,
+                      pitch=55, pitch_range=50, level_db=-6.0, noise_db=-60.0,
+                      lowpass_hz=0.0, highpass_hz=0.0)
+    espeak = Espeak()
+    try:
+        return render_word(espeak, word, speaker, rng)
+    finally:
+        espeak.close()

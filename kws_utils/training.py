@@ -1,6 +1,8 @@
 """Training: seeding, batching cached features, the float training loop and evaluation."""
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import random
 from contextlib import contextmanager
@@ -12,9 +14,8 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import Sampler
-from tqdm.auto import tqdm
 
-from kws_utils import config, data, features, files
+from kws_utils import config, data, features, files, mlperf, progress
 from kws_utils.errors import InputError, InputTypeError, TrainingDiverged
 from kws_utils.model import DSCNN, load_checkpoint
 
@@ -120,6 +121,25 @@ def faster_dropout(model: nn.Module) -> Iterator[nn.Module]:
             setattr(parent, name, child)
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter or buffer (CPU for a model with neither)."""
+    tensor = next(model.parameters(), None)
+    tensor = tensor if tensor is not None else next(model.buffers(), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
+
+
+@contextmanager
+def on_device(model: nn.Module, device: torch.device | None = None) -> Iterator[torch.device]:
+    """Run a block with ``model`` on ``device`` (default: config.device()), then move it back."""
+    # Moving back keeps every caller's contract: models are on the CPU between stages, where
+    # integer conversion, ONNX export and the NumPy reference run.
+    device = device or config.device()
+    home = model_device(model)
+    model.to(device)
+    try:
+        yield device
+    finally:
+        model.to(home)
 def _check_count(name: str, value: object, least: int) -> int:
     """A whole-number argument (batch size, epochs...) of at least ``least``, or a clear error."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
@@ -145,12 +165,16 @@ def _check_loss(loss: torch.Tensor, x: torch.Tensor, model: nn.Module,
 
 def train_epoch(model: nn.Module, batches: Batches, optimizer: torch.optim.Optimizer,
                 loss_fn: nn.Module, scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
-                channels_last: bool = True, desc: str = "train") -> tuple[float, float]:
-    """One pass of SGD over ``batches`` (scheduler stepped per batch); returns loss and accuracy."""
+                channels_last: bool = True, desc: str = "train", show_progress: bool = False
+                ) -> tuple[float, float]:
+    """One pass of SGD over ``batches`` (a scheduler given here steps every batch); loss, accuracy."""
     model.train()
     total_loss, correct, seen = 0.0, 0, 0
-    with faster_dropout(model):
-        for x, y in tqdm(batches, desc=desc, leave=False):
+    # The optimizer holds the parameter tensors themselves, so .to() keeps it valid on any device;
+    # the loss moves too, as a class-weighted loss carries its weights as a tensor.
+    with on_device(model) as device, on_device(loss_fn, device), faster_dropout(model):
+        for x, y in progress.bar(batches, desc=desc, disable=not show_progress):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             optimizer.zero_grad(set_to_none=True)
             logits = model(_fast_layout(x, channels_last))
             loss = loss_fn(logits, y)
@@ -175,18 +199,28 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
         raise InputError(f"y must be a 1-D tensor of class indices 0..{len(config.LABELS) - 1}, "
                          f"got dtype {y.dtype}, shape {tuple(y.shape)}.")
     model.eval()
-    logits = torch.cat([model(xb) for xb, _ in Batches(x, y, batch_size)])
+    with on_device(model) as device:
+        logits = torch.cat([model(xb.to(device)).cpu() for xb, _ in Batches(x, y, batch_size)])
     loss = (loss_fn or nn.CrossEntropyLoss())(logits, y).item()
     preds = logits.argmax(1)
     return EvalResult(loss, (preds == y).float().mean().item(), preds, y, logits)
 
 
-def make_optimizer(model: nn.Module, lr: float, epochs: int, steps_per_epoch: int
+WEIGHT_DECAY = 1e-4   # TI's keyword-spotting example
+
+
+def make_optimizer(model: nn.Module, lr: float, epochs: int, steps_per_epoch: int = 1,
+                   momentum: float = 0.0, per_batch_schedule: bool = False
                    ) -> tuple[torch.optim.SGD, torch.optim.lr_scheduler.CosineAnnealingLR]:
-    """SGD with momentum and a per-step cosine-annealed learning rate over all epochs."""
+    """TI's recipe: SGD (weight decay 1e-4, no momentum) and CosineAnnealingLR over the epochs.
+
+    ``momentum`` > 0 and ``per_batch_schedule`` (T_max counted in batches) are departures from it.
+    """
     # foreach: one multi-tensor update for all 30 parameter tensors instead of 30 small ones.
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4, foreach=True)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps_per_epoch)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum,
+                                weight_decay=WEIGHT_DECAY, foreach=True)
+    t_max = epochs * steps_per_epoch if per_batch_schedule else epochs
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=t_max)
     return optimizer, scheduler
 
 
@@ -210,23 +244,34 @@ def _check_fit_args(train_views: list[torch.Tensor], train_y: torch.Tensor, epoc
 def fit(model: nn.Module, train_views: list[torch.Tensor], train_y: torch.Tensor,
         val_x: torch.Tensor, val_y: torch.Tensor, epochs: int, lr: float, batch_size: int,
         generator: torch.Generator, sampler: Sampler | None = None,
-        loss_fn: nn.Module | None = None, channels_last: bool = True) -> History:
-    """Train with CrossEntropy + SGD + cosine annealing, cycling the cached augmented views."""
+        loss_fn: nn.Module | None = None, channels_last: bool = True,
+        momentum: float | None = None, per_batch_schedule: bool | None = None) -> History:
+    """Train with CrossEntropy + SGD + cosine annealing (TI's recipe), cycling the augmented views.
+
+    ``momentum`` and ``per_batch_schedule`` default to the active profile's (off: TI's recipe).
+    """
+    prof = config.profile()
+    momentum = prof.momentum if momentum is None else momentum
+    per_batch = prof.per_batch_schedule if per_batch_schedule is None else per_batch_schedule
     loss_fn = loss_fn or nn.CrossEntropyLoss()
     _check_fit_args(train_views, train_y, epochs, lr, batch_size)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     steps = (len(train_y) + batch_size - 1) // batch_size
-    optimizer, scheduler = make_optimizer(model, lr, epochs, steps)
+    optimizer, scheduler = make_optimizer(model, lr, epochs, steps, momentum, per_batch)
     history = History()
-    for epoch in tqdm(range(epochs), desc="epochs"):
+    bar = progress.bar(range(epochs), desc="epochs", unit="epoch")
+    for epoch in bar:
         # Each epoch sees a different cached augmentation of the training clips.
         batches = Batches(train_views[epoch % len(train_views)], train_y, batch_size,
                           shuffle=True, generator=generator, sampler=sampler)
         history.lr.append(optimizer.param_groups[0]["lr"])
-        loss, acc = train_epoch(model, batches, optimizer, loss_fn, scheduler, channels_last,
-                                f"epoch {epoch + 1}")
+        loss, acc = train_epoch(model, batches, optimizer, loss_fn,
+                                scheduler if per_batch else None, channels_last, f"epoch {epoch + 1}")
+        if not per_batch:
+            scheduler.step()
         val = evaluate(model, val_x, val_y, loss_fn=loss_fn)
+        bar.set_postfix(val_acc=f"{val.accuracy:.3f}")
         history.train_loss.append(loss)
         history.train_acc.append(acc)
         history.val_loss.append(val.loss)
@@ -270,14 +315,31 @@ class FeatureSets:
     test_y: torch.Tensor
 
 
-FEATURE_VERSION = 1  # bump when the feature pipeline changes, so stale caches are not reused
+FEATURE_VERSION = 2  # bump when the feature code changes in a way the settings below do not show
+
+
+def feature_settings(info: "data.DatasetInfo", splits: dict[str, list]) -> dict[str, object]:
+    """Every setting that changes the cached features: dataset, splits, MFCC and augmentation."""
+    return {
+        "dataset": info.kind, "train_dir": str(info.train_dir), "test_dir": str(info.test_dir),
+        "split_sizes": [len(splits[s]) for s in ("train", "validation", "test")],
+        "seed": config.SEED, "version": FEATURE_VERSION,
+        "sample_rate": config.SAMPLE_RATE, "clip_samples": config.CLIP_SAMPLES,
+        "frame_length": config.FRAME_LENGTH, "frame_step": config.FRAME_STEP,
+        "n_fft": config.N_FFT, "n_mels": config.N_MELS, "n_mfcc": config.N_MFCC,
+        "mel_edges_hz": [features.LOWER_EDGE_HZ, features.UPPER_EDGE_HZ],
+        "log_offset": features.LOG_OFFSET, "compute_dtype": str(features.COMPUTE_DTYPE),
+        "background_frequency": features.BACKGROUND_FREQUENCY,
+        "background_volume": features.BACKGROUND_VOLUME,
+        "max_shift_samples": features.MAX_SHIFT_SAMPLES,
+    }
 
 
 def feature_cache_dir(info: "data.DatasetInfo", splits: dict[str, list]) -> Path:
-    """A cache folder named after the dataset, its split sizes, the seed and the pipeline version."""
-    sizes = "-".join(str(len(splits[s])) for s in ("train", "validation", "test"))
-    key = f"{info.kind}_{Path(info.train_dir).name}_{sizes}_seed{config.SEED}_v{FEATURE_VERSION}"
-    return config.data_root() / "feature_cache" / key
+    """A cache folder named after the dataset and a hash of every feature setting."""
+    settings = json.dumps(feature_settings(info, splits), sort_keys=True)
+    digest = hashlib.sha256(settings.encode()).hexdigest()[:12]
+    return config.data_root() / "feature_cache" / f"{info.kind}_{Path(info.train_dir).name}_{digest}"
 
 
 def prepare_features(info: "data.DatasetInfo", views: int | None = None) -> FeatureSets:
@@ -285,6 +347,9 @@ def prepare_features(info: "data.DatasetInfo", views: int | None = None) -> Feat
     views = views or config.profile().aug_views
     splits = data.splits(info)
     folder = feature_cache_dir(info, splits)
+    if not (folder / "settings.json").is_file():   # says what the hash stands for
+        files.write_text(folder / "settings.json",
+                         json.dumps(feature_settings(info, splits), indent=1, sort_keys=True))
     labels = {s: torch.tensor([c.label for c in clips]) for s, clips in splits.items()}
 
     def clean(split: str) -> torch.Tensor:
@@ -319,7 +384,12 @@ SHORT_EPOCHS = 3  # a later notebook run on its own trains this long when notebo
 
 def float_checkpoint_path(source: str) -> Path:
     """Where notebook 03 saves the trained float DS-CNN for the given dataset."""
-    return config.artifacts_dir() / f"kws_float_{source}.pth"
+    return config.artifacts_dir(source) / f"kws_float_{source}.pth"
+
+
+def fallback_checkpoint_path(source: str) -> Path:
+    """Where the short stand-in model goes when notebook 03's checkpoint is missing."""
+    return config.artifacts_dir(source) / f"kws_float_{source}_fallback_{SHORT_EPOCHS}ep.pth"
 
 
 def save_checkpoint(model: nn.Module, path: Path, **meta: object) -> None:
@@ -329,26 +399,40 @@ def save_checkpoint(model: nn.Module, path: Path, **meta: object) -> None:
         torch.save({"model": state, **meta}, tmp)
 
 
+def _shout(lines: list[str]) -> None:
+    """Print a framed warning that cannot be missed in a notebook's output."""
+    rule = "!" * 78
+    print("\n".join([rule, *(f"!!! {line}" for line in lines), rule]))
+
+
 def float_model(feats: FeatureSets) -> nn.Module:
-    """The float DS-CNN from notebook 03, or a short training run when there is no checkpoint."""
+    """Notebook 03's float DS-CNN; without it, a loudly announced short stand-in with its own name."""
     path = float_checkpoint_path(feats.source)
     if path.is_file():
         print(f"loaded the float model trained in notebook 03: {path}")
         return load_checkpoint(DSCNN(), path).eval()
-    print(f"no checkpoint at {path}: training a short {SHORT_EPOCHS}-epoch float model instead "
-          "(run notebook 03 for the full one)")
+    fallback = fallback_checkpoint_path(feats.source)
+    warning = [f"NOT the model of notebook 03: no checkpoint at {path}.",
+               f"Using a SHORT {SHORT_EPOCHS}-epoch stand-in float model instead, saved as {fallback.name}.",
+               "Its accuracies are lower than the course's; run notebook 03 for the real model."]
+    if fallback.is_file():
+        _shout(warning[:1] + [f"Loading the earlier {SHORT_EPOCHS}-epoch stand-in {fallback}."] + warning[2:])
+        return load_checkpoint(DSCNN(), fallback).eval()
+    _shout(warning)
     prof = config.profile()
     net = DSCNN()
     fit(net, feats.train_views, feats.train_y, feats.val_x, feats.val_y, SHORT_EPOCHS, prof.lr,
         prof.batch_size, set_seed())
-    save_checkpoint(net, path, epochs=SHORT_EPOCHS, source=feats.source)
+    save_checkpoint(net, fallback, epochs=SHORT_EPOCHS, source=feats.source, fallback=True)
     return net.eval()
 
 
 def kws01_scores(models: dict[str, nn.Module]) -> dict[str, float] | None:
-    """Accuracy of each model on the real MLPerf kws01 inputs, or None when they are absent."""
-    folder = config.mlperf_dir() / "kws01"
-    if not folder.is_dir():
+    """Accuracy of each model on the real MLPerf kws01 inputs, or None when they are unavailable."""
+    try:
+        folder = mlperf.kws01_dir()
+    except data.DownloadError as err:
+        print(f"SKIPPED (real MLPerf kws01 inputs unavailable): {err}")
         return None
     x, y, _ = data.load_kws01(folder)
     return {name: evaluate(m, x, y).accuracy for name, m in models.items()}

@@ -4,8 +4,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
+from onnx import numpy_helper
 
 from kws_utils import config, data, deploy, export, model, quant
 
@@ -14,7 +16,7 @@ BITS = (8, 4, 2)
 
 @pytest.fixture(scope="module")
 def calibrated(tmp_path_factory) -> dict:
-    """Per bit width: the IntegerModel, its ONNX file (float output) and held-out inputs."""
+    """Per bit width: the converted wrapper, its exported integer ONNX file; held-out inputs."""
     torch.manual_seed(2)
     net = model.DSCNN().train()
     with torch.no_grad():
@@ -25,18 +27,20 @@ def calibrated(tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("deploy_models")
     out = {"net": net, "x": x[100:], "tmp": tmp}
     for bits in BITS:
-        int_model = quant.ptq(net, bits, x[:100]).convert(output="float")
-        out[bits] = (int_model, int_model.export(x[:1], tmp / f"int{bits}.onnx"))
+        wrapper = quant.ptq(net, bits, x[:100])
+        out[bits] = (wrapper, quant.export_integer(wrapper, tmp / f"int{bits}.onnx"))
     return out
 
 
-def _same_layers(a: quant.IntegerModel, b: quant.IntegerModel) -> None:
+def _same_layers(a: deploy.NpuModel, b: deploy.NpuModel) -> None:
     """Assert that two integer models hold identical integers and layer geometry."""
-    assert (a.input_scale, a.input_qmin, a.input_qmax) == (b.input_scale, b.input_qmin, b.input_qmax)
+    assert (a.input_stage.qmin, a.input_stage.qmax) == (b.input_stage.qmin, b.input_stage.qmax)
+    assert [(op, None if c is None else c.tolist()) for op, c in a.input_stage.steps] == \
+           [(op, None if c is None else c.tolist()) for op, c in b.input_stage.steps]
     assert len(a.layers) == len(b.layers)
     for la, lb in zip(a.layers, b.layers):
-        assert (la.op, la.stride, la.padding, la.groups, la.qmin, la.qmax) == \
-               (lb.op, lb.stride, lb.padding, lb.groups, lb.qmin, lb.qmax)
+        assert (la.op, la.stride, la.padding, la.groups, la.qmin, la.qmax, la.float32_product) == \
+               (lb.op, lb.stride, lb.padding, lb.groups, lb.qmin, lb.qmax, lb.float32_product)
         for field in ("weight", "bias", "offset", "mult", "shift"):
             va, vb = getattr(la, field), getattr(lb, field)
             assert (va is None and vb is None) or np.array_equal(va, vb), (la.name, field)
@@ -62,11 +66,15 @@ def test_packing_layout_is_low_bits_first_twos_complement() -> None:
 # ----------------------------------------------------------------------------- ONNX read-back
 @pytest.mark.parametrize("bits", BITS)
 def test_onnx_file_reads_back_the_exported_integers(calibrated: dict, bits: int) -> None:
-    int_model, path = calibrated[bits]
+    wrapper, path = calibrated[bits]
     loaded = deploy.load_integer_onnx(path)
-    _same_layers(loaded, int_model)
-    assert loaded.output == "float" and loaded.output_scale == int_model.output_scale
     assert all(l.weight_bits == bits for l in loaded.layers if l.weight is not None)
+    assert [l.op for l in loaded.layers].count("conv") == 9
+    # The integers read from the file compute what the converted PyTorch model computes.
+    x = calibrated["x"]
+    with torch.no_grad():
+        torch_out = quant.integer_module(wrapper)(x).numpy()
+    assert np.array_equal(deploy.numpy_reference(loaded, x), torch_out)
 
 
 def test_float_onnx_is_not_an_integer_model(calibrated: dict) -> None:
@@ -77,14 +85,8 @@ def test_float_onnx_is_not_an_integer_model(calibrated: dict) -> None:
 
 # ----------------------------------------------------------------------------- NumPy reference
 @pytest.mark.parametrize("bits", BITS)
-@pytest.mark.parametrize("output", ["float", "int8"])
-def test_numpy_reference_is_bit_exact_with_onnxruntime(calibrated: dict, bits: int,
-                                                       output: str) -> None:
-    int_model, path = calibrated[bits]
-    if output == "int8":
-        int_model.output = "int8"
-        path = int_model.export(calibrated["x"][:1], calibrated["tmp"] / f"int{bits}_codes.onnx")
-        int_model.output = "float"
+def test_numpy_reference_is_bit_exact_with_onnxruntime(calibrated: dict, bits: int) -> None:
+    path = calibrated[bits][1]
     x = calibrated["x"]
     ort_out, np_out = export.onnx_predict(path, x), deploy.numpy_reference(path, x)
     assert np_out.dtype == ort_out.dtype
@@ -114,8 +116,7 @@ needs_mlperf = pytest.mark.skipif(not (config.mlperf_dir() / "kws01").is_dir()
 @needs_mlperf
 def test_numpy_reference_bit_exact_on_real_mlperf_inputs(tmp_path: Path) -> None:
     x, y, _ = data.load_kws01()
-    int_model = quant.ptq(model.reference_model(), 8, x[:200]).convert(output="float")
-    path = int_model.export(x[:1], tmp_path / "ref_int8.onnx")
+    path = quant.export_integer(quant.ptq(model.reference_model(), 8, x[:200]), tmp_path / "ref_int8.onnx")
     got, want = deploy.numpy_reference(path, x[200:600]), export.onnx_predict(path, x[200:600])
     assert np.array_equal(got, want)
     assert (got.argmax(1) == y[200:600].numpy()).mean() > 0.85
@@ -124,33 +125,80 @@ def test_numpy_reference_bit_exact_on_real_mlperf_inputs(tmp_path: Path) -> None
 # ----------------------------------------------------------------------------- C header
 @pytest.mark.parametrize("bits", BITS)
 def test_header_roundtrip_reproduces_the_onnx_integers(calibrated: dict, bits: int) -> None:
-    int_model, path = calibrated[bits]
+    path = calibrated[bits][1]
+    loaded = deploy.load_integer_onnx(path)
     header = deploy.write_header(path, calibrated["tmp"] / f"kws_int{bits}.h")
     text = header.read_text()
     assert "#include <stdint.h>" in text and text.count("#ifndef") == 1
     parsed = deploy.read_header(header)
     assert parsed.defines["KWS_L0_WEIGHT_BITS"] == bits
     assert parsed.arrays["kws_l0_weight"].dtype == (np.int8 if bits == 8 else np.uint8)
-    assert parsed.arrays["kws_l0_weight"].size == -(-int_model.layers[0].weight.size * bits // 8)
+    assert parsed.arrays["kws_l0_weight"].size == -(-loaded.layers[0].weight.size * bits // 8)
     rebuilt = deploy.model_from_header(header)
-    _same_layers(rebuilt, deploy.load_integer_onnx(path))
+    _same_layers(rebuilt, loaded)
     x = calibrated["x"]
     assert np.array_equal(deploy.numpy_reference(rebuilt, x), export.onnx_predict(path, x))
 
 
 def test_header_gives_input_scale_as_power_of_two(calibrated: dict) -> None:
-    int_model, path = calibrated[8]
+    path = calibrated[8][1]
     defines = deploy.read_header(deploy.write_header(path, calibrated["tmp"] / "k.h")).defines
-    assert 2.0 ** defines["KWS_INPUT_SCALE_LOG2"] == int_model.input_scale == defines["KWS_INPUT_SCALE"]
+    assert 2.0 ** defines["KWS_INPUT_SCALE_LOG2"] == defines["KWS_INPUT_SCALE"]
     assert deploy.power2_exponent(0.125) == -3 and deploy.power2_exponent(0.3) is None
 
 
 def test_truncated_header_array_is_reported(calibrated: dict) -> None:
     path = deploy.write_header(calibrated[2][1], calibrated["tmp"] / "bad.h")
-    path.write_text(path.read_text().replace("static const int32_t kws_l0_bias[64] = {\n    ",
-                                             "static const int32_t kws_l0_bias[64] = {\n    1, ", 1))
+    path.write_text(path.read_text().replace("static const int32_t kws_l0_offset[64] = {\n    ",
+                                             "static const int32_t kws_l0_offset[64] = {\n    1, ", 1))
     with pytest.raises(ValueError, match="declares 64 values"):
         deploy.read_header(path)
+
+
+# ----------------------------------------------------------------------------- refusing bad files
+def _edited(src: Path, dst: Path, edit) -> Path:
+    """A copy of an integer ONNX file with ``edit(initializers by name, proto)`` applied."""
+    proto = onnx.load(str(src))
+    edit({i.name: i for i in proto.graph.initializer}, proto)
+    onnx.save(proto, str(dst))
+    return dst
+
+
+def _first_weight(inits: dict) -> onnx.TensorProto:
+    """The first conv weight initializer (4-D)."""
+    return next(t for n, t in inits.items() if n.endswith("weight") and len(t.dims) == 4)
+
+
+def _set_value(tensor: onnx.TensorProto, value: float) -> None:
+    """Overwrite the first element of an initializer."""
+    arr = numpy_helper.to_array(tensor).copy()
+    arr.flat[0] = value
+    tensor.CopyFrom(numpy_helper.from_array(arr, tensor.name))
+
+
+def test_non_integer_weight_is_refused_naming_file_and_tensor(calibrated: dict) -> None:
+    bad = _edited(calibrated[8][1], calibrated["tmp"] / "frac.onnx",
+                  lambda inits, _: _set_value(_first_weight(inits), 0.5))
+    name = _first_weight({i.name: i for i in onnx.load(str(bad)).graph.initializer}).name
+    with pytest.raises(ValueError, match=rf"frac\.onnx.*'{name}'.*non-integer"):
+        deploy.load_integer_onnx(bad)
+
+
+def test_weight_outside_the_bit_width_is_refused(calibrated: dict) -> None:
+    with pytest.raises(ValueError, match=r"outside its declared 2-bit range"):
+        deploy.load_integer_onnx(calibrated[4][1], weight_bits=2)
+    bad = _edited(calibrated[8][1], calibrated["tmp"] / "big.onnx",
+                  lambda inits, _: _set_value(_first_weight(inits), 300))
+    with pytest.raises(ValueError, match=r"big\.onnx.*reaches 300, beyond int8"):
+        deploy.load_integer_onnx(bad)
+
+
+def test_missing_initializer_is_refused_naming_it(calibrated: dict) -> None:
+    def drop_weight(inits: dict, proto: onnx.ModelProto) -> None:
+        proto.graph.initializer.remove(_first_weight(inits))
+    bad = _edited(calibrated[8][1], calibrated["tmp"] / "missing.onnx", drop_weight)
+    with pytest.raises(ValueError, match=r"missing\.onnx: Conv node .*required tensor '.*weight' is missing"):
+        deploy.load_integer_onnx(bad)
 
 
 # ----------------------------------------------------------------------------- budget
@@ -159,7 +207,8 @@ def test_budget_packs_weights_and_counts_the_model(calibrated: dict) -> None:
     float_onnx = export.export_onnx(net, tmp / "float_budget.onnx")
     rows = deploy.budget(net, float_onnx, {b: calibrated[b][1] for b in BITS}, runs=5)
     by_name = {r.variant: r for r in rows}
-    n_weights = sum(l.weight.size for l in calibrated[8][0].layers if l.weight is not None)
+    n_weights = sum(l.weight.size for l in deploy.load_integer_onnx(calibrated[8][1]).layers
+                    if l.weight is not None)
     assert by_name["int8 weights"].weight_bytes == n_weights
     assert by_name["float32"].weight_bytes == 4 * n_weights
     assert by_name["int4 weights"].weight_bytes == pytest.approx(n_weights / 2, abs=10)

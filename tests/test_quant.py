@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import importlib
 import math
 
 import numpy as np
@@ -12,6 +13,16 @@ from torch import nn
 from kws_utils import config, data, export, model, quant
 
 BITS = (8, 4, 2)
+_HAS_TI = importlib.util.find_spec("tinyml_torchmodelopt") is not None
+EXAMPLE = torch.zeros(1, *config.INPUT_SHAPE)
+
+
+@pytest.fixture(params=["course", pytest.param("ti", marks=pytest.mark.skipif(
+    not _HAS_TI, reason="TI's tinyml_torchmodelopt is not installed"))])
+def backend(request):
+    """The wrapper module under test: kws_utils.quant, and TI's package when installed."""
+    return quant if request.param == "course" else importlib.import_module(
+        "tinyml_torchmodelopt.quantization")
 
 
 def _random_dscnn() -> model.DSCNN:
@@ -29,8 +40,11 @@ def _converted(bits: int) -> tuple[quant.TINPUTinyMLPTQFxModule, quant.IntegerMo
     """PTQ wrapper calibrated on random inputs, its integer model, and held-out inputs."""
     torch.manual_seed(1)
     x = torch.randn(384, *config.INPUT_SHAPE) * 8
+    # the course's options: Dropout/Flatten share scales and the pool divides by its true area,
+    # so the integer model follows the fake-quant model (TI's choices depart from it, see below)
     wrapper = quant.TINPUTinyMLPTQFxModule(_random_dscnn(), total_epochs=1,
-                                           qconfig_type=quant.qconfig_for(bits))
+                                           qconfig_type=quant.qconfig_for(bits),
+                                           share_dropout_observer=True, exact_pool=True)
     wrapper.eval()
     with torch.no_grad():
         wrapper(x[:128])
@@ -109,11 +123,27 @@ def test_int8_output_mode_gives_int8_logits() -> None:
 
 def test_requant_params_approximate_the_real_multiplier() -> None:
     offset, mult, shift = quant.requant_params(np.array([2.0 ** -7, 0.0123, 1 / 125]))
-    assert mult[0] == 1 and shift[0] == 7 and offset[0] == 64
+    assert mult[0] == 128 and shift[0] == 14   # 8 bits: the largest shift that keeps mult < 256
+    assert offset[0] == 64                     # half an output step: 2**13 / 128
     approx = mult * 2.0 ** -shift.astype(np.float64)
-    assert np.allclose(approx[1:], [0.0123, 1 / 125], rtol=1 / 128)
+    assert np.allclose(approx, [2.0 ** -7, 0.0123, 1 / 125], rtol=1 / 128)
+    _, mult, shift = quant.requant_params(np.array([2.0 ** -7, 1 / 125]), mult_bits=1)
+    assert mult.tolist() == [1, 1] and shift.tolist() == [7, 6]   # 1 bit: 1/125 becomes 1/64
     with pytest.raises(ValueError, match="out of range"):
         quant.requant_params(np.array([1000.0]))
+
+
+def test_pool_divisor_is_tis_unless_exact_pool() -> None:
+    net = _random_dscnn()
+    x = torch.randn(64, *config.INPUT_SHAPE) * 8
+    pools = {}
+    for exact in (False, True):
+        wrapper = quant.TINPUTinyMLPTQFxModule(net, total_epochs=1, exact_pool=exact)
+        quant.calibrate(wrapper, x)
+        pools[exact] = wrapper.convert().layers[9]
+    # 125 positions: TI's 1-bit multiplier divides by 64, the course's option by ~125
+    assert (pools[False].mult[0], pools[False].shift[0]) == (1, 6)
+    assert abs(pools[True].mult[0] * 2.0 ** -pools[True].shift[0] - 1 / 125) < 1e-4
 
 
 def test_qconfig_helpers() -> None:
@@ -128,12 +158,43 @@ def test_qconfig_helpers() -> None:
     ({"weight": {"bitwidth": 8, "power2_scale": False}}, "power2_scale=True"),
     ({"weight": {"qscheme": torch.per_tensor_affine}}, "weight qscheme"),
     ({"activation": {"qscheme": torch.per_channel_symmetric}}, "activation qscheme"),
+    ({"weight": {"soft_quant": "wobbly"}}, "soft_quant"),
+    ({"weight": {"mixed_precision": ["conv1"]}}, "mixed_precision"),
     ({"weight": {"bitwidth": 4, "quant_min": -9}}, "does not fit"),
     ({"weight": {"colour": 1}}, "unknown keys"),
 ])
 def test_unsupported_settings_raise(change: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         quant.TINPUTinyMLQATFxModule(model.DSCNN(), total_epochs=1, qconfig_type=change)
+
+
+@pytest.mark.parametrize("change", [{"weight": {"bitwidth": 4, "mixed_precision": {4: ["conv1"]}}},
+                                    {"auto_quantization": True},
+                                    {"activation": {"observer": "entropy"}}])
+def test_ti_features_not_implemented_say_so(change: dict) -> None:
+    with pytest.raises(NotImplementedError, match="KWS_QUANT_BACKEND=ti|supports 8 only"):
+        quant.TINPUTinyMLQATFxModule(model.DSCNN(), total_epochs=1, qconfig_type=change)
+
+
+def test_ti_example_settings_are_accepted_and_mixed_layers_keep_8_bits() -> None:
+    wrapper = quant.TINPUTinyMLPTQFxModule(_random_dscnn(), total_epochs=1,
+                                           qconfig_type=quant.ti_example_qconfig(4))
+    x = torch.randn(64, *config.INPUT_SHAPE) * 8
+    wrapper.train()
+    with torch.no_grad():
+        wrapper(x)
+    wrapper.eval()
+    bits = {l.name: l.weight_bits for l in wrapper.convert().layers if l.weight is not None}
+    assert {n for n, b in bits.items() if b == 8} == {"depthwise2", "pointwise2", "depthwise3",
+                                                     "pointwise3"}
+    assert {b for n, b in bits.items() if n not in ("depthwise2", "pointwise2", "depthwise3",
+                                                    "pointwise3")} == {4}
+
+
+def test_mixed_precision_names_unknown_layer() -> None:
+    qt = {"weight": {"bitwidth": 4, "power2_scale": False, "mixed_precision": {8: ["conv9"]}}}
+    with pytest.raises(ValueError, match="conv9"):
+        quant.TINPUTinyMLPTQFxModule(model.DSCNN(), total_epochs=1, qconfig_type=qt)
 
 
 def test_convert_before_calibration_raises() -> None:
@@ -201,8 +262,8 @@ def _frozen(wrapper: quant.TINPUTinyMLQuantFxModule) -> tuple[bool, bool]:
     return bool(conv1.freeze_bn), not bool(conv1.weight_fake_quant.observer_enabled[0])
 
 
-def test_qat_schedule_freezes_bn_then_observers() -> None:
-    wrapper = quant.TINPUTinyMLQATFxModule(model.DSCNN(), total_epochs=4)
+def test_qat_schedule_freezes_bn_then_observers(backend) -> None:
+    wrapper = backend.TINPUTinyMLQATFxModule(model.DSCNN(), total_epochs=4, example_inputs=EXAMPLE)
     seen = []
     for _ in range(4):
         wrapper.train()
@@ -213,14 +274,15 @@ def test_qat_schedule_freezes_bn_then_observers() -> None:
 
 
 @pytest.mark.parametrize("bn_at, obs_at, expected", [
-    (0, None, [(True, False), (True, False), (True, False), (True, True)]),
+    (0, None, [(False, False), (True, False), (True, False), (True, True)]),   # TI: 0 = default
+    (None, 0, [(False, False), (True, False), (True, False), (True, True)]),
     (False, False, [(False, False)] * 4),
     (2, 1, [(False, False), (False, True), (True, True), (True, True)]),
 ])
-def test_qat_schedule_takes_explicit_epochs(bn_at, obs_at, expected) -> None:
-    wrapper = quant.TINPUTinyMLQATFxModule(model.DSCNN(), total_epochs=4,
-                                           num_batch_norm_update_epochs=bn_at,
-                                           num_observer_update_epochs=obs_at)
+def test_qat_schedule_takes_explicit_epochs(backend, bn_at, obs_at, expected) -> None:
+    wrapper = backend.TINPUTinyMLQATFxModule(model.DSCNN(), total_epochs=4, example_inputs=EXAMPLE,
+                                             num_batch_norm_update_epochs=bn_at,
+                                             num_observer_update_epochs=obs_at)
     seen = []
     for _ in range(4):
         wrapper.train()
@@ -229,10 +291,25 @@ def test_qat_schedule_takes_explicit_epochs(bn_at, obs_at, expected) -> None:
     assert seen == expected
 
 
-def test_qat_step_trains_and_converts() -> None:
+def test_course_option_freezes_bn_from_the_first_epoch() -> None:
+    wrapper = quant.TINPUTinyMLQATFxModule(model.DSCNN(), total_epochs=4, freeze_bn_from_start=True)
+    seen = []
+    for _ in range(4):
+        wrapper.train()
+        seen.append(_frozen(wrapper))
+        wrapper.eval()
+    assert seen == [(True, False), (True, False), (True, False), (True, True)]
+
+
+def test_schedule_rejects_negative_epochs() -> None:
+    with pytest.raises(ValueError, match="num_batch_norm_update_epochs"):
+        quant.TINPUTinyMLQATFxModule(model.DSCNN(), total_epochs=4, num_batch_norm_update_epochs=-1)
+
+
+def test_qat_step_trains_and_converts(backend, tmp_path) -> None:
     torch.manual_seed(0)
-    wrapper = quant.TINPUTinyMLQATFxModule(model.DSCNN(), total_epochs=1,
-                                           qconfig_type=quant.qconfig_for(4))
+    wrapper = backend.TINPUTinyMLQATFxModule(model.DSCNN(), total_epochs=1, example_inputs=EXAMPLE,
+                                             qconfig_type=quant.qconfig_for(4))
     optimizer = torch.optim.SGD(wrapper.parameters(), lr=0.1)
     before = wrapper.module.fc6.weight.detach().clone()
     wrapper.train()
@@ -241,14 +318,53 @@ def test_qat_step_trains_and_converts() -> None:
     optimizer.step()
     assert not torch.equal(before, wrapper.module.fc6.weight)
     wrapper.eval()
-    assert len(wrapper.convert().layers) == 11
+    wrapper.convert()
+    path = tmp_path / "qat.onnx"
+    wrapper.export(EXAMPLE, str(path), input_names=["input"])
+    assert export.onnx_predict(path, torch.randn(1, *config.INPUT_SHAPE)).shape == (1, 12)
 
 
-def test_ptq_keeps_bn_frozen_and_weights_fixed() -> None:
-    wrapper = quant.TINPUTinyMLPTQFxModule(model.DSCNN(), total_epochs=2)
+def test_export_after_more_training_converts_again(tmp_path) -> None:
+    torch.manual_seed(0)
+    wrapper = quant.TINPUTinyMLQATFxModule(model.DSCNN(), total_epochs=2)
+    optimizer = torch.optim.SGD(wrapper.parameters(), lr=0.5)
+    x, y = torch.randn(32, *config.INPUT_SHAPE) * 8, torch.randint(0, 12, (32,))
+
+    def step() -> None:
+        wrapper.train()
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(wrapper(x), y).backward()
+        optimizer.step()
+        wrapper.eval()
+
+    step()
+    first = wrapper.convert()
+    step()   # more QAT after convert(): export must not write the stale model
+    path = wrapper.export(x[:1], tmp_path / "m.onnx")
+    assert wrapper.integer_model is not first
+    assert np.array_equal(export.onnx_predict(path, x), wrapper.integer_model(x).numpy())
+    assert not np.array_equal(export.onnx_predict(path, x), first(x).numpy())
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 49, 20), (2, 49, 10)])
+def test_wrapper_keeps_the_input_shape_check(shape) -> None:
+    wrapper = quant.TINPUTinyMLPTQFxModule(model.DSCNN(), total_epochs=1)
+    with pytest.raises(ValueError, match="49"):
+        wrapper(torch.zeros(shape))
+
+
+def test_example_inputs_of_wrong_shape_are_named() -> None:
+    with pytest.raises(ValueError, match="example_inputs"):
+        quant.TINPUTinyMLPTQFxModule(model.DSCNN(), total_epochs=1,
+                                     example_inputs=torch.zeros(1, 49, 10))
+
+
+def test_ptq_keeps_bn_frozen_and_weights_fixed(backend) -> None:
+    wrapper = backend.TINPUTinyMLPTQFxModule(model.DSCNN(), total_epochs=2, example_inputs=EXAMPLE)
     wrapper.train()
     assert _frozen(wrapper) == (True, False)
-    assert not any(p.requires_grad for p in wrapper.parameters())
+    if backend is quant:   # the course also freezes the weights (TI stops gradients otherwise)
+        assert not any(p.requires_grad for p in wrapper.parameters())
 
 
 def test_quant_backend_switch(monkeypatch) -> None:
@@ -306,3 +422,22 @@ def test_real_data_ptq_accuracy_through_onnx(bits: int, allowed_drop: float, tmp
     print(f"\nPTQ int{bits} via ONNX on kws01[200:]: {acc:.2%} (float {float_acc:.2%})")
     assert abs(float_acc - 0.906) < 0.002
     assert 0.0 <= acc <= 1.0 and acc >= float_acc - allowed_drop
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_integer_onnx_reads_back_bit_exact(bits: int, tmp_path) -> None:
+    wrapper, _, x = _converted(bits)
+    wrapper.integer_model.output = "int8"
+    try:
+        path = wrapper.export(x[:1], tmp_path / "m.onnx")
+    finally:
+        wrapper.integer_model.output = "float"
+    back = quant.read_integer_onnx(path)
+    assert [l.op for l in back.layers] == [l.op for l in wrapper.integer_model.layers]
+    assert np.array_equal(back(x).numpy().astype(np.float32), export.onnx_predict(path, x))
+
+
+def test_reading_a_float_onnx_says_it_is_not_integer(tmp_path) -> None:
+    path = export.export_onnx(model.DSCNN().eval(), tmp_path / "float.onnx")
+    with pytest.raises(ValueError, match="not a TINPU integer model"):
+        quant.read_integer_onnx(path)

@@ -158,8 +158,13 @@ def test_int8_output_is_scaled_by_the_recorded_scale(onnx_files: dict[str, Path]
     as_float = streaming.run_stream(onnx_files["float"], audio, progress=False)
     as_int8 = streaming.run_stream(onnx_files["int8"], audio, progress=False)
     assert np.array_equal(as_float.posteriors, as_int8.posteriors)
+    # integer-typed codes without a recorded scale cannot become posteriors
     proto = onnx.load(str(onnx_files["int8"]))
     del proto.metadata_props[:]
+    out = proto.graph.output[0]
+    proto.graph.node[-1].output[0] = "codes"
+    proto.graph.node.append(onnx.helper.make_node("Cast", ["codes"], [out.name], to=onnx.TensorProto.INT8))
+    out.type.tensor_type.elem_type = onnx.TensorProto.INT8
     onnx.save(proto, str(tmp_path / "no_scale.onnx"))
     with pytest.raises(ValueError, match="no output scale"):
         streaming.run_stream(tmp_path / "no_scale.onnx", audio, progress=False)

@@ -133,3 +133,66 @@ def test_float_model_loads_the_saved_checkpoint(tmp_path: Path, monkeypatch: pyt
     feats = training.FeatureSets("synthetic", [x], y, x, y, x, y)
     loaded = training.float_model(feats)
     assert torch.equal(loaded.fc6.weight, net.fc6.weight)
+
+
+def test_float_model_fallback_is_loud_and_saved_under_its_own_name(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.setenv("KWS_OUTPUT", str(tmp_path))
+    monkeypatch.setattr(training, "SHORT_EPOCHS", 1)
+    x, y = toy_problem(200)
+    feats = training.FeatureSets("synthetic", [x], y, x[:50], y[:50], x[:50], y[:50])
+    training.float_model(feats)
+    out = capsys.readouterr().out
+    assert "NOT the model of notebook 03" in out and "!!!" in out
+    assert not training.float_checkpoint_path("synthetic").exists()   # notebook 03's name stays free
+    fallback = training.fallback_checkpoint_path("synthetic")
+    assert fallback.is_file() and "fallback" in fallback.name
+    training.float_model(feats)   # second call loads the stand-in, still loudly
+    assert "stand-in" in capsys.readouterr().out
+
+
+def test_artifacts_are_kept_per_profile_and_dataset(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KWS_OUTPUT", str(tmp_path))
+    monkeypatch.setattr(config, "_ACTIVE_DATASET", [])
+    assert config.artifacts_dir() == tmp_path / "artifacts" / config.profile().name / "untrained"
+    config.set_active_dataset("real")
+    assert config.artifacts_dir() == tmp_path / "artifacts" / config.profile().name / "real"
+    assert training.float_checkpoint_path("synthetic").parent.name == "synthetic"
+    with pytest.raises(ValueError, match="real"):
+        config.set_active_dataset("toy")
+
+
+def test_feature_cache_key_changes_with_augmentation_settings(
+        tiny_dataset: data.DatasetInfo, monkeypatch: pytest.MonkeyPatch) -> None:
+    splits = data.splits(tiny_dataset)
+    base = training.feature_cache_dir(tiny_dataset, splits)
+    for name, value in (("BACKGROUND_VOLUME", 0.2), ("BACKGROUND_FREQUENCY", 0.5),
+                        ("MAX_SHIFT_SAMPLES", 0), ("LOG_OFFSET", 1e-5)):
+        with monkeypatch.context() as patch:
+            patch.setattr(features, name, value)
+            assert training.feature_cache_dir(tiny_dataset, splits) != base, name
+    assert training.feature_cache_dir(tiny_dataset, splits) == base
+
+
+def test_default_recipe_is_tis() -> None:
+    prof = config.PROFILES["default"]
+    assert prof.momentum == 0 and not prof.per_batch_schedule and prof.int2_qat_lr is None
+    assert prof.qat_epochs_cap is None
+    assert config.qat_lr_for(2, prof) == config.qat_lr_for(8, prof) == prof.lr / 100
+    assert config.qat_epochs_for(8, prof) == max(prof.epochs // 2, 5)
+    assert config.qat_epochs_for(4, prof) == config.qat_epochs_for(2, prof) == prof.epochs * 10
+    optimizer, scheduler = training.make_optimizer(model.DSCNN(), prof.lr, prof.epochs, 400)
+    assert optimizer.defaults["momentum"] == 0 and optimizer.defaults["weight_decay"] == 1e-4
+    assert scheduler.T_max == prof.epochs
+
+
+def test_per_batch_schedule_and_momentum_are_options() -> None:
+    x, y = toy_problem(200)
+    for per_batch in (False, True):
+        net = model.DSCNN()
+        history = training.fit(net, [x], y, x[:50], y[:50], epochs=2, lr=0.05, batch_size=50,
+                               generator=training.set_seed(0), momentum=0.9, per_batch_schedule=per_batch)
+        # per epoch: epoch 2 starts at cos(pi/2) -> lr/2; per batch it has also fallen to lr/2 by then
+        assert history.lr[0] == 0.05 and history.lr[1] == pytest.approx(0.025)
+    optimizer, scheduler = training.make_optimizer(model.DSCNN(), 0.05, 2, 4, 0.9, True)
+    assert scheduler.T_max == 8 and optimizer.defaults["momentum"] == 0.9

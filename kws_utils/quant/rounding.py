@@ -1,0 +1,325 @@
+"""Learned rounding for PTQ (AdaRound, Nagel et al. 2020): weights that survive 4 and 2 bits.
+
+Round-to-nearest picks each weight's integer alone; at 2 bits (ternary) the errors of a whole
+filter add up and the network collapses. ``learn_rounding`` decides, layer after layer, whether
+each weight rounds down or up so that the layer's output (after its ReLU), fed with the input the
+*quantized* network really produces, matches the float network's output on a few hundred
+unlabeled inputs. It also refits each layer's bias (bias correction). Scales stay the calibrated
+ones: the learned integers are written back as float weights that round exactly onto them, so
+the unchanged ``convert()`` and ``export()`` produce the same TI integer form.
+
+Usage (between calibration and convert)::
+
+    wrapper = TINPUTinyMLPTQFxModule(model, total_epochs=1, qconfig_type=qconfig_for(2))
+    calibrate(wrapper, calib_x)
+    learn_rounding(wrapper, calib_x)
+    int_model = wrapper.convert()
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.ao.quantization import FakeQuantize, disable_fake_quant, disable_observer
+from tqdm.auto import tqdm
+
+from kws_utils import config
+from kws_utils.quant import course, qconfig, wrappers
+
+# Rectified sigmoid of AdaRound: stretched to (GAMMA, ZETA) and clipped to [0, 1], so that the
+# rounding variable can reach exactly 0 or 1 with a non-zero gradient on the way.
+GAMMA, ZETA = -0.1, 1.1
+
+
+@dataclass
+class LayerRounding:
+    """What learned rounding did to one layer (errors relative to the float output's power)."""
+
+    name: str
+    nearest_error: float     # relative MSE of the layer output with round-to-nearest weights
+    learned_error: float     # relative MSE with the learned rounding (and corrected bias)
+    flipped: float           # fraction of weights whose integer differs from round-to-nearest
+
+
+def _graph(wrapper: nn.Module) -> torch.fx.GraphModule:
+    """The wrapper's prepared FX graph, with the state checks learned rounding needs."""
+    module = getattr(wrapper, "module", None)
+    if not isinstance(module, torch.fx.GraphModule):
+        raise TypeError(f"wrapper must be a TINPUTinyMLPTQFxModule (kws_utils.quant or TI's), got "
+                        f"{type(wrapper).__name__}.")
+    if getattr(wrapper, "is_qat", False):
+        raise ValueError("wrapper is a QAT wrapper: learned rounding is post-training; QAT already "
+                         "learns the weights. Wrap with TINPUTinyMLPTQFxModule instead.")
+    fqs = [m for m in module.modules() if isinstance(m, FakeQuantize)]
+    if getattr(wrapper, "integer_model", None) is not None or not fqs:
+        raise RuntimeError("learn_rounding() after convert(): the weights are already integers. "
+                           "Call it between calibration and convert().")
+    unseen = [m for m in fqs if not _is_weight_fq(module, m) and not _calibrated(m)]
+    if unseen:
+        raise RuntimeError(f"learn_rounding() before calibration: {len(unseen)} activation "
+                           "quantizers have seen no data. Run calibrate(wrapper, x) (eval mode, "
+                           "forward passes under torch.no_grad()) first.")
+    return module
+
+
+def _is_weight_fq(module: nn.Module, fq: FakeQuantize) -> bool:
+    """True for a layer's weight quantizer (activation quantizers are graph nodes)."""
+    return any(getattr(m, "weight_fake_quant", None) is fq for m in module.modules())
+
+
+def _calibrated(fq: FakeQuantize) -> bool:
+    """True once the quantizer's observer has recorded a finite range."""
+    obs = fq.activation_post_process
+    lo = getattr(obs, "min_val", None)
+    return lo is not None and lo.numel() > 0 and bool(torch.isfinite(lo).all())
+
+
+def weighted_layers(module: torch.fx.GraphModule) -> list[tuple[str, nn.Module]]:
+    """(name, module) of every layer with a weight quantizer, in execution order."""
+    return [(n.target, module.get_submodule(n.target)) for n in module.graph.nodes
+            if n.op == "call_module"
+            and hasattr(module.get_submodule(n.target), "weight_fake_quant")]
+
+
+def _bn_factor(mod: nn.Module) -> torch.Tensor:
+    """Per-channel BatchNorm factor gamma / std folded into the weight (ones without BN)."""
+    if not hasattr(mod, "bn"):
+        return torch.ones(mod.weight.shape[0])
+    # same float ops as torch.ao's ConvBn forward and convert(), so the write-back is exact
+    return (mod.bn.weight / torch.sqrt(mod.bn.running_var + mod.bn.eps)).detach()
+
+
+def _folded(mod: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """BatchNorm-folded weight and bias of a fused QAT layer."""
+    shape = [-1] + [1] * (mod.weight.dim() - 1)
+    bias = mod.bias.detach() if mod.bias is not None else torch.zeros(mod.weight.shape[0])
+    if not hasattr(mod, "bn"):
+        return mod.weight.detach().clone(), bias.clone()
+    bn, factor = mod.bn, _bn_factor(mod)
+    return (mod.weight.detach() * factor.reshape(shape),
+            ((bias - bn.running_mean) * factor + bn.bias).detach())
+
+
+def _apply(mod: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """The layer's float op with given (folded) weight and bias, plus its fused ReLU."""
+    if isinstance(mod, nn.Conv2d):
+        y = F.conv2d(x, weight, bias, mod.stride, mod.padding, mod.dilation, mod.groups)
+    else:
+        y = F.linear(x, weight, bias)
+    return F.relu(y) if "ReLU" in type(mod).__name__ else y
+
+
+@torch.no_grad()
+def _capture(module: nn.Module, names: list[str], inputs: torch.Tensor, kind: str,
+             batch_size: int = 250) -> dict[str, torch.Tensor]:
+    """Inputs (kind='input') or outputs (kind='output') of the named sub-modules over ``inputs``."""
+    found: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+
+    def hook(name):
+        def record(_, args, out):
+            found[name].append((args[0] if kind == "input" else out).detach())
+        return record
+
+    handles = [module.get_submodule(n).register_forward_hook(hook(n)) for n in names]
+    was_training = module.training
+    module.eval()
+    try:
+        for i in range(0, len(inputs), batch_size):
+            module(inputs[i:i + batch_size])
+    finally:
+        for h in handles:
+            h.remove()
+        module.train(was_training)
+    return {n: torch.cat(v) for n, v in found.items()}
+
+
+@torch.no_grad()
+def _run(mod: nn.Module, x: torch.Tensor, batch_size: int = 250) -> torch.Tensor:
+    """The layer's own (fake-quantized) forward over ``x``, in eval mode."""
+    was_training = mod.training
+    mod.eval()
+    out = torch.cat([mod(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+    mod.train(was_training)
+    return out
+
+
+def float_copy(module: nn.Module) -> nn.Module:
+    """A copy of a prepared model with every quantizer passing values through (the float model)."""
+    fp = copy.deepcopy(module)
+    fp.apply(disable_fake_quant)
+    fp.apply(disable_observer)
+    return fp
+
+
+def _h(v: torch.Tensor) -> torch.Tensor:
+    """AdaRound's rectified sigmoid: the soft 'round up' amount in [0, 1]."""
+    return torch.clamp(torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
+
+
+def _relative_mse(y: torch.Tensor, target: torch.Tensor) -> float:
+    """Mean squared error divided by the target's mean square."""
+    return float(((y - target) ** 2).mean() / (target ** 2).mean().clamp_min(1e-12))
+
+
+def _learn_layer(mod: nn.Module, x: torch.Tensor, target: torch.Tensor, iters: int,
+                 batch_size: int, lr: float, reg: float, gen: torch.Generator,
+                 bar: tqdm) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Integers, scales and folded bias of one layer, learned to reproduce ``target`` from ``x``."""
+    fq = mod.weight_fake_quant
+    weight, bias0 = _folded(mod)
+    shape = [-1] + [1] * (weight.dim() - 1)
+    scale0 = fq.scale.detach().float().reshape(shape)
+    qmin, qmax = fq.quant_min, fq.quant_max
+    live = (_bn_factor(mod) != 0).float().reshape(shape)   # gamma = 0: the weight is 0 anyway
+    ratio = weight / scale0
+    base = torch.floor(ratio)
+    # start at the fractional part, so the first soft weights equal the float ones
+    frac = ((ratio - base - GAMMA) / (ZETA - GAMMA)).clamp(0.01, 0.99)
+    v = torch.log(frac / (1 - frac)).requires_grad_(True)
+    bias = bias0.clone().requires_grad_(True)
+    # Power-of-2 scales (8-bit NPU weights) must stay as they are; free scales are refitted too,
+    # since the calibrated one was chosen for round-to-nearest (a log step, so it stays positive).
+    log_step = torch.zeros_like(scale0).requires_grad_(not _power2(scale0))
+    opt = torch.optim.Adam([{"params": [v], "lr": lr}, {"params": [bias, log_step], "lr": lr * 0.1}])
+    warmup = iters // 5
+    for it in range(iters):
+        idx = torch.randint(len(x), (min(batch_size, len(x)),), generator=gen)
+        soft = scale0 * torch.exp(log_step) * torch.clamp(base + _h(v) * live, qmin, qmax)
+        loss = ((_apply(mod, x[idx], soft, bias) - target[idx]) ** 2).mean()
+        loss = loss / (target[idx] ** 2).mean().clamp_min(1e-12)
+        if it >= warmup:
+            # anneal the exponent from 20 to 2: first only undecided weights are pushed, then all
+            beta = 20 - 18 * (it - warmup) / max(iters - warmup - 1, 1)
+            loss = loss + reg * (1 - (2 * _h(v) - 1).abs() ** beta).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        bar.update(1)
+    with torch.no_grad():
+        q = torch.clamp(base + (v >= 0).float() * live, qmin, qmax)
+        scale = (scale0 * torch.exp(log_step)).reshape(fq.scale.shape)
+    return q, scale, bias.detach()
+
+
+def _power2(scale: torch.Tensor) -> bool:
+    """True when every scale is an exact power of two."""
+    return bool((torch.frexp(scale).mantissa == 0.5).all())
+
+
+@torch.no_grad()
+def _write_back(mod: nn.Module, q: torch.Tensor, scale: torch.Tensor,
+                folded_bias: torch.Tensor) -> None:
+    """Set weight, scale and bias so that BN folding + rounding (as in convert()) gives ``q``."""
+    fq = mod.weight_fake_quant
+    _set_scale(fq, scale)
+    shape = [-1] + [1] * (q.dim() - 1)
+    factor = _bn_factor(mod).double().reshape(shape)
+    scale = fq.scale.detach().double().reshape(shape)
+    safe = torch.where(factor == 0, torch.ones_like(factor), factor)
+    new = torch.where(factor == 0, mod.weight.double(), q.double() * scale / safe)
+    mod.weight.copy_(new.float())
+    if hasattr(mod, "bn"):
+        bias = mod.bias.detach() if mod.bias is not None else torch.zeros_like(folded_bias)
+        mod.bn.bias.copy_(folded_bias - (bias - mod.bn.running_mean) * _bn_factor(mod))
+    elif mod.bias is not None:
+        mod.bias.copy_(folded_bias)
+    got = integer_weight(mod)
+    if not torch.equal(got, q):
+        raise RuntimeError(f"learned integers of {type(mod).__name__} do not survive BN folding "
+                           f"({int((got != q).sum())} differ); please report this.")
+
+
+def _set_scale(fq: FakeQuantize, scale: torch.Tensor) -> None:
+    """Store a weight scale in the quantizer and its observer's range (both agree afterwards)."""
+    fq.scale.copy_(scale.to(fq.scale.dtype))
+    obs = fq.activation_post_process
+    half = (fq.quant_max - fq.quant_min) / 2
+    if getattr(obs, "max_val", None) is not None and obs.max_val.shape == scale.shape:
+        obs.max_val.copy_(scale * half)
+        obs.min_val.copy_(-scale * half)
+
+
+def integer_weight(mod: nn.Module) -> torch.Tensor:
+    """The integers convert() derives: clamp(round(folded weight / calibrated scale))."""
+    fq = mod.weight_fake_quant
+    weight, _ = _folded(mod)
+    shape = [-1] + [1] * (weight.dim() - 1)
+    inv = (1.0 / fq.scale.detach().float()).reshape(shape)
+    return torch.clamp(torch.round(weight * inv), fq.quant_min, fq.quant_max)
+
+
+def _check_inputs(inputs: torch.Tensor, iters: int, batch_size: int) -> None:
+    """Clear errors for arguments learn_rounding cannot use."""
+    if not isinstance(inputs, torch.Tensor) or not inputs.is_floating_point() or inputs.dim() < 2 \
+            or len(inputs) == 0:
+        raise ValueError("inputs must be a non-empty float tensor batch (N, ...) of unlabeled model "
+                         "inputs, e.g. the calibration inputs.")
+    if not torch.isfinite(inputs).all():
+        raise ValueError("inputs contain NaN/inf values.")
+    if iters < 1 or batch_size < 1:
+        raise ValueError(f"iters={iters} and batch_size={batch_size} must be positive.")
+
+
+def learn_rounding(wrapper: nn.Module, inputs: torch.Tensor, iters: int = 1000,
+                   batch_size: int = 32, lr: float = 1e-2, reg: float = 0.01,
+                   seed: int = config.SEED, progress: bool = True) -> list[LayerRounding]:
+    """Learn each weight's rounding (and bias) of a calibrated PTQ wrapper; ready for convert()."""
+    module = _graph(wrapper)
+    _check_inputs(inputs, iters, batch_size)
+    module.apply(disable_observer)   # calibration ends here: scales must not move any more
+    layers = weighted_layers(module)
+    names = [n for n, _ in layers]
+    targets = _capture(float_copy(module), names, inputs, "output")
+    gen = torch.Generator().manual_seed(seed)
+    report = []
+    with tqdm(total=iters * len(layers), desc="learned rounding", disable=not progress,
+              unit="step") as bar:
+        for name, mod in layers:
+            bar.set_postfix_str(name)
+            # the input the quantized network really produces, with earlier layers already learned
+            x = _capture(module, [name], inputs, "input")[name]
+            nearest = integer_weight(mod)
+            before = _relative_mse(_run(mod, x), targets[name])
+            with torch.enable_grad():
+                q, scale, bias = _learn_layer(mod, x, targets[name], iters, batch_size, lr, reg,
+                                              gen, bar)
+            saved = copy.deepcopy(mod.state_dict())
+            _write_back(mod, q, scale, bias)
+            after = _relative_mse(_run(mod, x), targets[name])
+            if after > before:   # too few steps to settle: keep round-to-nearest for this layer
+                mod.load_state_dict(saved)
+                after = before
+            report.append(LayerRounding(name, before, after, float((q != nearest).float().mean())))
+    return report
+
+
+def layer_errors(wrapper: nn.Module, inputs: torch.Tensor,
+                 reference: nn.Module | None = None) -> dict[str, float]:
+    """Relative MSE of each layer's output, quantized vs float network (errors accumulate).
+
+    ``reference``: ``float_copy(wrapper.module)`` taken before ``learn_rounding`` (which moves
+    the float weights onto the grid); by default the wrapper's current float weights.
+    """
+    module = wrapper.module
+    names = [n for n, _ in weighted_layers(module)]
+    ref = _capture(reference if reference is not None else float_copy(module), names, inputs,
+                   "output")
+    got = _capture(module, names, inputs, "output")
+    return {n: _relative_mse(got[n], ref[n]) for n in names}
+
+
+def ptq_learned(model: nn.Module, bits: int, calib_x: torch.Tensor, iters: int | None = None,
+                progress: bool = True, seed: int = config.SEED) -> nn.Module:
+    """Like ``quant.ptq``, with learned rounding between calibration and convert()."""
+    wrapper = wrappers.TINPUTinyMLPTQFxModule(
+        model, total_epochs=1, qconfig_type=qconfig.qconfig_for(bits),
+        example_inputs=torch.zeros(1, *config.INPUT_SHAPE))
+    course.calibrate(wrapper, calib_x)
+    learn_rounding(wrapper, calib_x, iters=iters or config.profile().rounding_iters,
+                   progress=progress, seed=seed)
+    wrapper.convert()
+    return wrapper

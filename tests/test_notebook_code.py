@@ -1,0 +1,105 @@
+"""The code taught in notebooks 01-03 and the package's code give the same results.
+
+Each taught cell starts with a marker comment, ``# kws-code: <name>``. The test reads the cells with
+nbformat, executes them on small inputs, and compares with kws_utils.features, .model and .training.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import nbformat
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from kws_utils import config, features, model, training
+
+NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
+
+
+def marked_cells(notebook: str, marker: str) -> list[str]:
+    """Sources of the code cells of ``notebook`` whose first line starts with ``# kws-code: marker``."""
+    nb = nbformat.read(NOTEBOOKS / notebook, as_version=4)
+    return [c.source for c in nb.cells if c.cell_type == "code"
+            and c.source.splitlines()[0].startswith(f"# kws-code: {marker}")]
+
+
+def run_cells(sources: list[str], namespace: dict) -> dict:
+    """Execute cell sources in order in one namespace (printing silenced) and return it."""
+    namespace.setdefault("print", lambda *args, **kwargs: None)
+    for source in sources:
+        exec(compile(source, "<notebook cell>", "exec"), namespace)
+    return namespace
+
+
+def speech_like(length: int, seed: int) -> np.ndarray:
+    """An int16 test clip: a gliding tone in noise, ``length`` samples."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(length) / config.SAMPLE_RATE
+    wave = 0.4 * np.sin(2 * np.pi * (300 + 900 * t) * t) + 0.05 * rng.standard_normal(length)
+    return (wave * 20000).astype(np.int16)
+
+
+@pytest.mark.parametrize("length", [config.CLIP_SAMPLES, 9_000])
+def test_notebook01_mfcc_steps_match_features(length: int) -> None:
+    sources = marked_cells("01_dataset_and_balance.ipynb", "mfcc")
+    assert len(sources) == 7, "notebook 01 should show normalise + the six MFCC steps, one cell each"
+    wave = speech_like(length, seed=length)
+    ns = run_cells(sources, {"torch": torch, "config": config, "features": features, "wave": wave})
+    torch.testing.assert_close(ns["mel_weights"], features.mel_matrix(torch.float64), rtol=0, atol=1e-12)
+    torch.testing.assert_close(ns["dct"], features.dct_matrix(torch.float64), rtol=0, atol=1e-12)
+    torch.testing.assert_close(ns["mfcc_by_hand"], features.mfcc(wave), rtol=0, atol=1e-5)
+
+
+def test_notebook02_dscnn_is_the_package_model() -> None:
+    (source,) = marked_cells("02_dscnn_architecture.ipynb", "dscnn")
+    ns = run_cells([source], {"torch": torch, "nn": nn, "config": config, "model": model})
+    torch.manual_seed(5)
+    taught = ns["DSCNN"]().eval()
+    torch.manual_seed(5)
+    package = model.DSCNN().eval()
+    taught_state, package_state = taught.state_dict(), package.state_dict()
+    assert list(taught_state) == list(package_state)
+    for name in package_state:
+        torch.testing.assert_close(taught_state[name], package_state[name], rtol=0, atol=0)
+    x = torch.randn(6, *config.INPUT_SHAPE)
+    torch.testing.assert_close(taught(x), package(x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="unsqueeze"):
+        taught(torch.zeros(2, 49, 10))
+
+
+def test_notebook03_recipe_is_make_optimizer() -> None:
+    (source,) = marked_cells("03_float_training.ipynb", "recipe")
+    prof = config.PROFILES["default"]
+    feats = SimpleNamespace(train_y=torch.zeros(1234, dtype=torch.long))
+    ns = run_cells([source], {"torch": torch, "nn": nn, "config": config, "model": model,
+                              "training": training, "prof": prof, "feats": feats})
+    steps = (1234 + prof.batch_size - 1) // prof.batch_size
+    optimizer, scheduler = training.make_optimizer(model.DSCNN(), prof.lr, prof.epochs, steps,
+                                                   prof.momentum, prof.per_batch_schedule)
+    for key in ("lr", "momentum", "weight_decay", "dampening", "nesterov"):
+        assert ns["optimizer"].defaults[key] == optimizer.defaults[key], key
+    assert ns["scheduler"].T_max == scheduler.T_max == prof.epochs   # TI: T_max = epochs
+    assert isinstance(ns["loss_fn"], nn.CrossEntropyLoss)
+
+
+def test_notebook03_loop_is_train_epoch() -> None:
+    (source,) = marked_cells("03_float_training.ipynb", "train_one_epoch")
+    train_one_epoch = run_cells([source], {"torch": torch, "training": training})["train_one_epoch"]
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(120, *config.INPUT_SHAPE, generator=gen), torch.randint(0, 12, (120,), generator=gen)
+    results = []
+    for step in (train_one_epoch, training.train_epoch):
+        torch.manual_seed(1)
+        net = model.DSCNN().to(memory_format=torch.channels_last)
+        optimizer, _ = training.make_optimizer(net, 0.5, 3)
+        batches = training.Batches(x, y, 32, shuffle=True, generator=torch.Generator().manual_seed(2))
+        torch.manual_seed(3)   # dropout masks
+        loss, acc = step(net, batches, optimizer, nn.CrossEntropyLoss())
+        results.append((loss, acc, net.state_dict()))
+    (loss_a, acc_a, state_a), (loss_b, acc_b, state_b) = results
+    assert loss_a == pytest.approx(loss_b, abs=1e-6) and acc_a == acc_b
+    for name in state_b:
+        torch.testing.assert_close(state_a[name], state_b[name], rtol=0, atol=1e-6)

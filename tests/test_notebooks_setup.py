@@ -1,0 +1,54 @@
+"""Every notebook opens anywhere: Colab badge and time first, then the set-up cell; no .venv paths."""
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import re
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from kws_utils import config
+
+# KWS_NOTEBOOKS_DIR checks another copy (e.g. one patched by a script) instead of the repository's.
+NOTEBOOKS = Path(os.environ.get("KWS_NOTEBOOKS_DIR", config.REPO_ROOT / "notebooks"))
+PATHS = sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
+INSTALL = f"kws_utils @ git+{config.COURSE_REPO_URL}.git@{config.COURSE_BRANCH}"
+
+
+def test_all_six_notebooks_are_there() -> None:
+    assert [p.name[:2] for p in PATHS] == ["01", "02", "03", "04", "05", "06"]
+
+
+@pytest.mark.parametrize("path", PATHS, ids=lambda p: p.name[:2])
+def test_badge_and_time_come_first(path: Path) -> None:
+    first = nbformat.read(path, as_version=4).cells[0]
+    repo = config.COURSE_REPO_URL.removeprefix("https://github.com/")
+    colab = (f"https://colab.research.google.com/github/{repo}/blob/{config.COURSE_BRANCH}/"
+             f"notebooks/{path.name}")
+    assert first.cell_type == "markdown" and "[![Open In Colab]" in first.source
+    assert f"]({colab})" in first.source
+    assert re.search(r"\*\*Time:\*\* .*\d.* 2-core CPU", first.source)
+
+
+@pytest.mark.parametrize("path", PATHS, ids=lambda p: p.name[:2])
+def test_setup_cell_installs_only_when_missing_and_prints_the_device(path: Path) -> None:
+    cell = nbformat.read(path, as_version=4).cells[1]
+    assert cell.cell_type == "code"
+    assert 'find_spec("kws_utils") is None' in cell.source and INSTALL in cell.source
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):   # kws_utils is installed here: nothing is installed
+        exec(compile(cell.source, f"{path.name}[1]", "exec"), {})
+    assert out.getvalue().startswith(f"device: {config.device()} ")
+
+
+@pytest.mark.parametrize("path", PATHS, ids=lambda p: p.name[:2])
+def test_no_virtualenv_paths_and_real_data_can_download(path: Path) -> None:
+    for i, cell in enumerate(nbformat.read(path, as_version=4).cells):
+        assert ".venv/bin" not in cell.source, f"{path.name} cell {i} names a .venv/bin path"
+        if cell.cell_type == "code":
+            # A check of the local folder alone would skip where a download could have worked.
+            assert not re.search(r"mlperf_dir\(\)[^\n]*\.is_(dir|file)\(\)", cell.source), \
+                f"{path.name} cell {i}: use mlperf.available() for the real-data cells"

@@ -1,0 +1,177 @@
+"""Tests of kws_utils.quant.learn_rounding: learned rounding (AdaRound) for PTQ wrappers."""
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+import torch
+
+from kws_utils import config, data, deploy, export, model, quant
+from kws_utils.quant import rounding
+
+ITERS = 40   # enough to move the rounding; the method, not the accuracy, is tested here
+
+
+def _net() -> model.DSCNN:
+    """A seeded DS-CNN whose BatchNorm statistics and affine parameters are not the identity."""
+    torch.manual_seed(0)
+    net = model.DSCNN().train()
+    with torch.no_grad():
+        for _ in range(3):
+            net(torch.randn(64, *config.INPUT_SHAPE) * 8)
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                sign = torch.where(torch.rand_like(m.weight) < 0.3, -1.0, 1.0)
+                m.weight.copy_(sign * torch.empty_like(m.weight).uniform_(0.5, 1.5))  # gamma < 0 too
+                m.bias.normal_(0, 0.2)
+    return net.eval()
+
+
+def _inputs(n: int = 32, seed: int = 1) -> torch.Tensor:
+    """Random inputs on the scale of the course's MFCC features."""
+    return torch.randn(n, *config.INPUT_SHAPE, generator=torch.Generator().manual_seed(seed)) * 8
+
+
+def _calibrated(bits: int, qat: bool = False) -> quant.TINPUTinyMLQuantFxModule:
+    """A course wrapper calibrated on the test inputs."""
+    cls = quant.TINPUTinyMLQATFxModule if qat else quant.TINPUTinyMLPTQFxModule
+    wrapper = cls(_net(), total_epochs=1, qconfig_type=quant.qconfig_for(bits))
+    quant.calibrate(wrapper, _inputs())
+    return wrapper
+
+
+@functools.lru_cache(maxsize=None)
+def _learned(bits: int) -> tuple[quant.TINPUTinyMLPTQFxModule, list, dict]:
+    """A 2/4/8-bit wrapper after learned rounding, its report and the integers it learned."""
+    wrapper = _calibrated(bits)
+    report = quant.learn_rounding(wrapper, _inputs(), iters=ITERS, progress=False)
+    learned = {n: rounding.integer_weight(m) for n, m in rounding.weighted_layers(wrapper.module)}
+    return wrapper, report, learned
+
+
+@pytest.mark.parametrize("bits", (8, 4, 2))
+def test_convert_reproduces_the_learned_integers(bits: int) -> None:
+    wrapper, report, learned = _learned(bits)
+    assert [r.name for r in report] == list(learned)
+    int_model = wrapper.convert()
+    for layer in (l for l in int_model.layers if l.weight is not None):
+        np.testing.assert_array_equal(layer.weight, learned[layer.name].numpy().astype(np.int8))
+        assert np.abs(layer.weight).max() <= 2 ** (bits - 1) - 1
+
+
+@pytest.mark.parametrize("bits", (4, 2))
+def test_learned_rounding_differs_from_nearest_and_lowers_the_error(bits: int) -> None:
+    _, report, _ = _learned(bits)
+    assert any(r.flipped > 0 for r in report)
+    assert all(r.learned_error <= r.nearest_error for r in report)
+    assert sum(r.learned_error for r in report) < sum(r.nearest_error for r in report)
+
+
+def test_int8_keeps_power_of_two_scales() -> None:
+    wrapper, _, _ = _learned(8)
+    for _, mod in rounding.weighted_layers(wrapper.module):
+        mantissa, _ = torch.frexp(mod.weight_fake_quant.scale)
+        assert (mantissa == 0.5).all()
+
+
+def test_onnx_and_numpy_reference_are_bit_exact(tmp_path) -> None:
+    wrapper, _, _ = _learned(2)
+    int_model = wrapper.integer_model or wrapper.convert()
+    x = _inputs(32, seed=5)
+    path = wrapper.export(x[:1], tmp_path / "lr_int2.onnx", input_names=["input"])
+    onnx_out = export.onnx_predict(path, x)
+    np.testing.assert_array_equal(onnx_out, int_model(x).numpy())
+    np.testing.assert_array_equal(onnx_out, deploy.numpy_reference(path, x.numpy()))
+
+
+def test_deterministic_for_a_seed() -> None:
+    def run(seed: int) -> list[torch.Tensor]:
+        wrapper = _calibrated(2)
+        quant.learn_rounding(wrapper, _inputs(), iters=15, progress=False, seed=seed)
+        return [m.weight.detach().clone() for _, m in rounding.weighted_layers(wrapper.module)]
+    first, again, other = run(3), run(3), run(4)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert not all(torch.equal(a, b) for a, b in zip(first, other))
+
+
+def test_layer_errors_against_the_float_reference() -> None:
+    wrapper = _calibrated(2)
+    reference = rounding.float_copy(wrapper.module)
+    before = quant.layer_errors(wrapper, _inputs(), reference)
+    quant.learn_rounding(wrapper, _inputs(), iters=ITERS, progress=False)
+    after = quant.layer_errors(wrapper, _inputs(), reference)
+    assert list(before) == list(after) and all(v >= 0 for v in before.values())
+    assert after["fc6"] < before["fc6"]
+
+
+def test_before_calibration_raises() -> None:
+    wrapper = quant.TINPUTinyMLPTQFxModule(_net(), total_epochs=1, qconfig_type=quant.qconfig_for(2))
+    with pytest.raises(RuntimeError, match="before calibration"):
+        quant.learn_rounding(wrapper, _inputs(), iters=1, progress=False)
+
+
+def test_after_convert_raises() -> None:
+    wrapper = _calibrated(4)
+    wrapper.convert()
+    with pytest.raises(RuntimeError, match="after convert"):
+        quant.learn_rounding(wrapper, _inputs(), iters=1, progress=False)
+
+
+def test_qat_wrapper_raises() -> None:
+    with pytest.raises(ValueError, match="QAT"):
+        quant.learn_rounding(_calibrated(4, qat=True), _inputs(), iters=1, progress=False)
+
+
+@pytest.mark.parametrize("bad, what", [(torch.zeros(0, 1, 49, 10), "inputs"),
+                                       (torch.zeros(4, 1, 49, 10, dtype=torch.long), "inputs"),
+                                       (torch.full((4, 1, 49, 10), float("nan")), "NaN")])
+def test_bad_inputs_raise(bad: torch.Tensor, what: str) -> None:
+    with pytest.raises(ValueError, match=what):
+        quant.learn_rounding(_calibrated(4), bad, iters=1, progress=False)
+
+
+def test_not_a_wrapper_raises() -> None:
+    with pytest.raises(TypeError, match="wrapper"):
+        quant.learn_rounding(_net(), _inputs(), iters=1, progress=False)
+
+
+def test_ti_wrapper_gets_the_learned_integers() -> None:
+    ti = pytest.importorskip("tinyml_torchmodelopt.quantization")
+    wrapper = ti.TINPUTinyMLPTQFxModule(_net(), total_epochs=1, qconfig_type=quant.qconfig_for(4),
+                                        example_inputs=torch.zeros(1, *config.INPUT_SHAPE))
+    quant.calibrate(wrapper, _inputs())
+    report = quant.learn_rounding(wrapper, _inputs(), iters=ITERS, progress=False)
+    assert any(r.flipped > 0 for r in report)
+    learned = {n: rounding.integer_weight(m) for n, m in rounding.weighted_layers(wrapper.module)}
+    with torch.no_grad():   # the fake-quant forward uses exactly the learned integers
+        for name, mod in rounding.weighted_layers(wrapper.module):
+            fq = mod.weight_fake_quant
+            scale = fq.scale.reshape([-1] + [1] * (mod.weight.dim() - 1))
+            folded, _ = rounding._folded(mod)
+            torch.testing.assert_close(fq(folded), learned[name] * scale, rtol=0, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# Real data: reference DS-CNN, calibrated and reconstructed on kws01 files 0..199, scored on 200..
+# ----------------------------------------------------------------------------------------------
+needs_mlperf = pytest.mark.skipif(not (config.mlperf_dir() / "kws01").is_dir(),
+                                  reason="MLPerf kws01 artifacts absent")
+
+
+@needs_mlperf
+def test_real_data_int2_survives(tmp_path) -> None:
+    x, y, _ = data.load_kws01()
+    accs = {}
+    for learn in (False, True):
+        wrapper = quant.TINPUTinyMLPTQFxModule(model.reference_model(), total_epochs=1,
+                                               qconfig_type=quant.qconfig_for(2))
+        quant.calibrate(wrapper, x[:200])
+        if learn:
+            quant.learn_rounding(wrapper, x[:200], iters=150, progress=False)
+        int_model = wrapper.convert()
+        path = wrapper.export(x[:1], tmp_path / f"int2_{learn}.onnx", input_names=["input"])
+        accs[learn], identical = quant.onnx_check(int_model, path, x[200:], y[200:])
+        assert identical
+    print(f"\nint2 via ONNX on kws01[200:]: nearest {accs[False]:.2%}, learned {accs[True]:.2%}")
+    assert accs[False] < 0.3 and accs[True] > 0.45
