@@ -308,7 +308,8 @@ def load_integer_onnx(path: str | Path, weight_bits: int | dict[str, int] | None
     path = str(path)
     if not Path(path).is_file():
         raise FileNotFoundError(f"{path} not found: export the integer model first.")
-    proto = onnx.load(path)
+    from kws_utils.export import load_onnx   # here: this module stays free of torch imports
+    proto = load_onnx(path)                  # a clear error for a truncated or non-ONNX file
     consts = _constants(proto)
     nodes = _chain(proto, consts, path)
     starts = [i for i, n in enumerate(nodes) if n.op_type in _OPS]

@@ -1,8 +1,4 @@
-"""Every case of the bad-input sweep (tests/bad_input_sweep.py): a clear error or a correct result.
-
-Cases for findings fixed on other branches (quant wrappers, the integer ONNX reader) are marked
-xfail until those branches are merged; strict=False so that they pass silently afterwards.
-"""
+"""Every case of the bad-input sweep (tests/bad_input_sweep.py): a clear error or a correct result."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -20,9 +16,7 @@ def ctx(tmp_path_factory: pytest.TempPathFactory) -> Ctx:
     return Ctx(Path(tmp_path_factory.mktemp("bad_inputs")))
 
 
-@pytest.mark.parametrize("case", [pytest.param(c, id=c.id, marks=pytest.mark.xfail(
-    reason=f"fixed on branch {c.after_merge}", strict=False) if c.after_merge else ())
-    for c in CASES])
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in CASES])
 def test_bad_input(case: Case, ctx: Ctx) -> None:
     category, detail = run_case(case, ctx)
     assert category == "handled", f"{category}: {detail}"
