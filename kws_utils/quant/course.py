@@ -108,6 +108,8 @@ def qat_fit(wrapper: TINPUTinyMLQATFxModule, feats: Any, epochs: int, lr: float,
     optimizer, scheduler = training.make_optimizer(wrapper, lr, epochs, steps)
     loss_fn = nn.CrossEntropyLoss()
     history = training.History()
+    device = config.device()     # training runs on KWS_DEVICE; convert() and export on the CPU
+    wrapper.to(device)
     for epoch in range(epochs):
         history.lr.append(optimizer.param_groups[0]["lr"])
         wrapper.train()   # one call per epoch drives the freezing schedule (BN, then observers)
@@ -115,19 +117,21 @@ def qat_fit(wrapper: TINPUTinyMLQATFxModule, feats: Any, epochs: int, lr: float,
         total, correct = 0.0, 0
         for xb, yb in training.Batches(views, feats.train_y, batch_size, shuffle=True,
                                        generator=generator):
+            xb, yb = xb.to(device), yb.to(device)
             optimizer.zero_grad()
             logits = wrapper(xb)
             loss = loss_fn(logits, yb)
             loss.backward()
             optimizer.step()
-            scheduler.step()
             total += loss.item() * len(yb)
             correct += (logits.argmax(1) == yb).sum().item()
+        scheduler.step()             # TI's cosine schedule steps once per epoch
         val = training.evaluate(wrapper, feats.val_x, feats.val_y, loss_fn=loss_fn)   # eval() mode
         history.train_loss.append(total / len(feats.train_y))
         history.train_acc.append(correct / len(feats.train_y))
         history.val_loss.append(val.loss)
         history.val_acc.append(val.accuracy)
+    wrapper.cpu()
     return history
 
 
@@ -245,7 +249,7 @@ class VariantResult:
 
 def quantize_variant(model: nn.Module, feats: Any, bits: int, method: str,
                      prof: config.Profile | None = None) -> VariantResult:
-    """PTQ (seeded validation subset) or QAT (qat_fit at qat_lr), convert, export, check on test."""
+    """PTQ (seeded validation subset) or QAT (qat_fit, TI's epochs/lr rules), convert, export, check."""
     prof = prof or config.profile()
     start = time.perf_counter()
     if method == "ptq":
@@ -255,11 +259,13 @@ def quantize_variant(model: nn.Module, feats: Any, bits: int, method: str,
         calibrate(wrapper, calibration_subset(feats.val_x, prof.calib_clips))
         history = None
     elif method == "qat":
+        # TI's rules for epochs and lr per bit width, with the profile's named departures
+        epochs = config.qat_epochs_for(bits, prof)
         wrapper = quant_backend().TINPUTinyMLQATFxModule(
-            copy.deepcopy(model), total_epochs=prof.qat_epochs, qconfig_type=qconfig_for(bits),
+            copy.deepcopy(model), total_epochs=epochs, qconfig_type=qconfig_for(bits),
             example_inputs=torch.zeros(1, *config.INPUT_SHAPE))
         stable_conv_bn(wrapper)
-        history = qat_fit(wrapper, feats, prof.qat_epochs, prof.qat_lr, prof.batch_size,
+        history = qat_fit(wrapper, feats, epochs, config.qat_lr_for(bits, prof), prof.batch_size,
                           training.set_seed(config.SEED))
     else:
         raise ValueError(f"method {method!r}: use one of {QUANT_METHODS}.")
