@@ -173,6 +173,8 @@ def _learn_layer(mod: nn.Module, x: torch.Tensor, target: torch.Tensor, iters: i
     weight, bias0 = _folded(mod)
     shape = [-1] + [1] * (weight.dim() - 1)
     scale0 = fq.scale.detach().float().reshape(shape)
+    if not _power2(scale0):
+        scale0 = _weight_mse_scale(weight, scale0, fq.quant_min, fq.quant_max)
     qmin, qmax = fq.quant_min, fq.quant_max
     live = (_bn_factor(mod) != 0).float().reshape(shape)   # gamma = 0: the weight is 0 anyway
     ratio = weight / scale0
@@ -203,6 +205,21 @@ def _learn_layer(mod: nn.Module, x: torch.Tensor, target: torch.Tensor, iters: i
         q = torch.clamp(base + (v >= 0).float() * live, qmin, qmax)
         scale = (scale0 * torch.exp(log_step)).reshape(fq.scale.shape)
     return q, scale, bias.detach()
+
+
+def _weight_mse_scale(weight: torch.Tensor, scale: torch.Tensor, qmin: int,
+                      qmax: int) -> torch.Tensor:
+    """Per-channel scale (a fraction of the calibrated one) minimising the rounding error.
+
+    A min/max scale suits 8 bits; with 3 levels most weights would round to 0, and the learned
+    step size alone moves too slowly to repair that, so the search gives a better start.
+    """
+    ratios = torch.linspace(0.2, 1.0, 81).reshape(-1, *[1] * weight.dim())
+    cand = ratios * scale                                             # (ratios, C, 1, ...)
+    err = ((torch.clamp(torch.round(weight / cand), qmin, qmax) * cand - weight) ** 2)
+    best = err.flatten(2).sum(2).argmin(0)                             # per channel
+    return cand.flatten(1)[best, torch.arange(len(best))].reshape(scale.shape) if scale.numel() > 1 \
+        else cand[err.flatten(1).sum(1).argmin()]
 
 
 def _power2(scale: torch.Tensor) -> bool:
