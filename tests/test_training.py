@@ -1,6 +1,7 @@
 """Training: batching, the float loop, evaluation, checkpoints and the feature cache."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -177,10 +178,12 @@ def test_feature_cache_key_changes_with_augmentation_settings(
 def test_default_recipe_is_tis() -> None:
     prof = config.PROFILES["default"]
     assert prof.momentum == 0 and not prof.per_batch_schedule and prof.int2_qat_lr is None
-    assert prof.qat_epochs_cap is None
     assert config.qat_lr_for(2, prof) == config.qat_lr_for(8, prof) == prof.lr / 100
-    assert config.qat_epochs_for(8, prof) == max(prof.epochs // 2, 5)
-    assert config.qat_epochs_for(4, prof) == config.qat_epochs_for(2, prof) == prof.epochs * 10
+    # The one named departure of the default profile: TI's rule gives 100 QAT epochs below 8 bits.
+    assert prof.qat_epochs_cap == 5 and config.qat_epochs_for(2, prof) == 5
+    uncapped = dataclasses.replace(prof, qat_epochs_cap=None)
+    assert config.qat_epochs_for(8, uncapped) == max(prof.epochs // 2, 5)
+    assert config.qat_epochs_for(4, uncapped) == config.qat_epochs_for(2, uncapped) == prof.epochs * 10
     optimizer, scheduler = training.make_optimizer(model.DSCNN(), prof.lr, prof.epochs, 400)
     assert optimizer.defaults["momentum"] == 0 and optimizer.defaults["weight_decay"] == 1e-4
     assert scheduler.T_max == prof.epochs
