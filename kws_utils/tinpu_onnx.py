@@ -294,8 +294,9 @@ def _input_stage(seg: list[onnx.NodeProto], consts: dict, path: str) -> InputSta
         elif node.op_type not in _PASS:
             raise _fail(path, f"input stage: unexpected {node.op_type} node {node.name}.")
     if rng is None or not any(op in ("Floor", "Round") for op, _ in steps):
-        raise _fail(path, "is not an integer model: no input quantization (Floor/Round and Clip "
-                          "before the first layer); a float model has no integers to read.")
+        raise _fail(path, "is not an integer model (not a TINPU integer model): no input "
+                          "quantization (Floor/Round and Clip before the first layer); a float "
+                          "model has no integers to read.")
     return InputStage(steps, *rng)
 
 
@@ -314,7 +315,7 @@ def load_integer_onnx(path: str | Path, weight_bits: int | dict[str, int] | None
     nodes = _chain(proto, consts, path)
     starts = [i for i, n in enumerate(nodes) if n.op_type in _OPS]
     if not starts:
-        raise _fail(path, "is not an integer model: no Conv, Gemm or ReduceSum layer.")
+        raise _fail(path, "is not an integer model (not a TINPU integer model): no Conv, Gemm or ReduceSum layer.")
     bits = weight_bits if weight_bits is not None else (_declared_bits(proto) or None)
     stage = _input_stage(nodes[:starts[0]], consts, path)
     ends = starts[1:] + [len(nodes)]

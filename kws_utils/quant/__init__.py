@@ -59,7 +59,7 @@ from kws_utils.quant.observers import (MSE_RATIOS, ActivationObserver, PerChanne
 from kws_utils.quant.onnx_form import export_integer_onnx, export_qdq_onnx
 from kws_utils.quant.integer import (InputStage, IntegerModel, IntLayer, build_integer_model,
                                      requant_params, run_layer)
-from kws_utils.quant.onnx_read import read_integer_onnx, split_multiplier
+from kws_utils.quant.onnx_read import read_integer_onnx
 from kws_utils.quant.wrappers import (TINPUTinyMLPTQFxModule, TINPUTinyMLQATFxModule,
                                       TINPUTinyMLQuantFxModule, TinyMLModelQConfigFormat,
                                       quant_backend)
