@@ -82,7 +82,7 @@ def test_onnx_and_numpy_reference_are_bit_exact(tmp_path) -> None:
     path = wrapper.export(x[:1], tmp_path / "lr_int2.onnx", input_names=["input"])
     onnx_out = export.onnx_predict(path, x)
     np.testing.assert_array_equal(onnx_out, int_model(x).numpy())
-    np.testing.assert_array_equal(onnx_out, deploy.numpy_reference(int_model, x.numpy()))
+    np.testing.assert_array_equal(onnx_out, deploy.numpy_reference(path, x.numpy()))
 
 
 def test_deterministic_for_a_seed() -> None:

@@ -40,8 +40,8 @@ class LayerRounding:
     """What learned rounding did to one layer (errors relative to the float output's power)."""
 
     name: str
-    nearest_error: float     # relative MSE of the layer output with round-to-nearest weights
-    learned_error: float     # relative MSE with the learned rounding (and corrected bias)
+    nearest_error: float     # relative MSE of its block's output with round-to-nearest weights
+    learned_error: float     # relative MSE with the learned rounding (and corrected biases)
     flipped: float           # fraction of weights whose integer differs from round-to-nearest
 
 
@@ -137,16 +137,6 @@ def _capture(module: nn.Module, names: list[str], inputs: torch.Tensor, kind: st
     return {n: torch.cat(v) for n, v in found.items()}
 
 
-@torch.no_grad()
-def _run(mod: nn.Module, x: torch.Tensor, batch_size: int = 250) -> torch.Tensor:
-    """The layer's own (fake-quantized) forward over ``x``, in eval mode."""
-    was_training = mod.training
-    mod.eval()
-    out = torch.cat([mod(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
-    mod.train(was_training)
-    return out
-
-
 def float_copy(module: nn.Module) -> nn.Module:
     """A copy of a prepared model with every quantizer passing values through (the float model)."""
     fp = copy.deepcopy(module)
@@ -165,46 +155,71 @@ def _relative_mse(y: torch.Tensor, target: torch.Tensor) -> float:
     return float(((y - target) ** 2).mean() / (target ** 2).mean().clamp_min(1e-12))
 
 
-def _learn_layer(mod: nn.Module, x: torch.Tensor, target: torch.Tensor, iters: int,
+def _learn_block(mods: list[nn.Module], x: torch.Tensor, target: torch.Tensor, iters: int,
                  batch_size: int, lr: float, reg: float, gen: torch.Generator,
-                 bar: tqdm) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Integers, scales and folded bias of one layer, learned to reproduce ``target`` from ``x``."""
-    fq = mod.weight_fake_quant
-    weight, bias0 = _folded(mod)
-    shape = [-1] + [1] * (weight.dim() - 1)
-    scale0 = fq.scale.detach().float().reshape(shape)
-    if not _power2(scale0):
-        scale0 = _weight_mse_scale(weight, scale0, fq.quant_min, fq.quant_max)
-    qmin, qmax = fq.quant_min, fq.quant_max
-    live = (_bn_factor(mod) != 0).float().reshape(shape)   # gamma = 0: the weight is 0 anyway
-    ratio = weight / scale0
-    base = torch.floor(ratio)
-    # start at the fractional part, so the first soft weights equal the float ones
-    frac = ((ratio - base - GAMMA) / (ZETA - GAMMA)).clamp(0.01, 0.99)
-    v = torch.log(frac / (1 - frac)).requires_grad_(True)
-    bias = bias0.clone().requires_grad_(True)
-    # Power-of-2 scales (8-bit NPU weights) must stay as they are; free scales are refitted too,
-    # since the calibrated one was chosen for round-to-nearest (a log step, so it stays positive).
-    log_step = torch.zeros_like(scale0).requires_grad_(not _power2(scale0))
-    opt = torch.optim.Adam([{"params": [v], "lr": lr}, {"params": [bias, log_step], "lr": lr * 0.1}])
+                 bar: tqdm) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Integers, scales and folded biases of a chain of layers, learned to map ``x`` to ``target``."""
+    states, groups = [], []
+    for mod in mods:
+        fq = mod.weight_fake_quant
+        weight, bias0 = _folded(mod)
+        shape = [-1] + [1] * (weight.dim() - 1)
+        scale0 = fq.scale.detach().float().reshape(shape)
+        if not _power2(scale0):
+            scale0 = _weight_mse_scale(weight, scale0, fq.quant_min, fq.quant_max)
+        live = (_bn_factor(mod) != 0).float().reshape(shape)   # gamma = 0: the weight is 0 anyway
+        base = torch.floor(weight / scale0)
+        # start at the fractional part, so the first soft weights equal the float ones
+        frac = ((weight / scale0 - base - GAMMA) / (ZETA - GAMMA)).clamp(0.01, 0.99)
+        v = torch.log(frac / (1 - frac)).requires_grad_(True)
+        bias = bias0.clone().requires_grad_(True)
+        # Power-of-2 scales (8-bit NPU weights) must stay as they are; free scales are refitted
+        # too, since the calibrated one was chosen for round-to-nearest (a log step stays > 0).
+        log_step = torch.zeros_like(scale0).requires_grad_(not _power2(scale0))
+        states.append((mod, scale0, live, base, v, bias, log_step))
+        groups += [{"params": [v], "lr": lr}, {"params": [bias, log_step], "lr": lr * 0.1}]
+    opt = torch.optim.Adam(groups)
     warmup = iters // 5
     for it in range(iters):
         idx = torch.randint(len(x), (min(batch_size, len(x)),), generator=gen)
-        soft = scale0 * torch.exp(log_step) * torch.clamp(base + _h(v) * live, qmin, qmax)
-        loss = ((_apply(mod, x[idx], soft, bias) - target[idx]) ** 2).mean()
-        loss = loss / (target[idx] ** 2).mean().clamp_min(1e-12)
+        y, round_loss = x[idx], 0.0
+        for mod, scale0, live, base, v, bias, log_step in states:
+            soft = scale0 * torch.exp(log_step) * torch.clamp(base + _h(v) * live,
+                                                             mod.weight_fake_quant.quant_min,
+                                                             mod.weight_fake_quant.quant_max)
+            y = _apply(mod, y, soft, bias)
+            round_loss = round_loss + (1 - (2 * _h(v) - 1).abs() ** _beta(it, warmup, iters)).mean()
+        loss = ((y - target[idx]) ** 2).mean() / (target[idx] ** 2).mean().clamp_min(1e-12)
         if it >= warmup:
-            # anneal the exponent from 20 to 2: first only undecided weights are pushed, then all
-            beta = 20 - 18 * (it - warmup) / max(iters - warmup - 1, 1)
-            loss = loss + reg * (1 - (2 * _h(v) - 1).abs() ** beta).mean()
+            loss = loss + reg * round_loss
         opt.zero_grad()
         loss.backward()
         opt.step()
         bar.update(1)
+    out = []
     with torch.no_grad():
-        q = torch.clamp(base + (v >= 0).float() * live, qmin, qmax)
-        scale = (scale0 * torch.exp(log_step)).reshape(fq.scale.shape)
-    return q, scale, bias.detach()
+        for mod, scale0, live, base, v, bias, log_step in states:
+            fq = mod.weight_fake_quant
+            q = torch.clamp(base + (v >= 0).float() * live, fq.quant_min, fq.quant_max)
+            out.append((q, (scale0 * torch.exp(log_step)).reshape(fq.scale.shape), bias.detach()))
+    return out
+
+
+def _beta(it: int, warmup: int, iters: int) -> float:
+    """AdaRound's annealed exponent, 20 to 2: first only undecided weights are pushed, then all."""
+    return 20 - 18 * max(it - warmup, 0) / max(iters - warmup - 1, 1)
+
+
+def _blocks(module: torch.fx.GraphModule) -> list[list[tuple[str, nn.Module]]]:
+    """Layers grouped for reconstruction: each depthwise conv with the layer after it (BRECQ)."""
+    blocks: list[list[tuple[str, nn.Module]]] = []
+    for name, mod in weighted_layers(module):
+        after_depthwise = blocks and len(blocks[-1]) == 1 and getattr(blocks[-1][0][1], "groups", 1) > 1
+        if after_depthwise:
+            blocks[-1].append((name, mod))
+        else:
+            blocks.append([(name, mod)])
+    return blocks
 
 
 def _weight_mse_scale(weight: torch.Tensor, scale: torch.Tensor, qmin: int,
@@ -293,29 +308,34 @@ def learn_rounding(wrapper: nn.Module, inputs: torch.Tensor, iters: int = 500,
     module = _graph(wrapper)
     _check_inputs(inputs, iters, batch_size)
     module.apply(disable_observer)   # calibration ends here: scales must not move any more
-    layers = weighted_layers(module)
-    names = [n for n, _ in layers]
+    blocks = _blocks(module)
+    names = [n for n, _ in weighted_layers(module)]
     targets = _capture(float_copy(module), names, inputs, "output")
     gen = torch.Generator().manual_seed(seed)
     report = []
-    with tqdm(total=iters * len(layers), desc="learned rounding", disable=not progress,
+    with tqdm(total=iters * len(blocks), desc="learned rounding", disable=not progress,
               unit="step") as bar:
-        for name, mod in layers:
-            bar.set_postfix_str(name)
-            # the input the quantized network really produces, with earlier layers already learned
-            x = _capture(module, [name], inputs, "input")[name]
-            nearest = integer_weight(mod)
-            before = _relative_mse(_run(mod, x), targets[name])
+        for block in blocks:
+            first, last = block[0][0], block[-1][0]
+            bar.set_postfix_str(first if first == last else f"{first}+{last}")
+            # the input the quantized network really produces, with earlier blocks already learned
+            x = _capture(module, [first], inputs, "input")[first]
+            mods = [m for _, m in block]
+            nearest = [integer_weight(m) for m in mods]
+            before = _relative_mse(_capture(module, [last], inputs, "output")[last], targets[last])
             with torch.enable_grad():
-                q, scale, bias = _learn_layer(mod, x, targets[name], iters, batch_size, lr, reg,
-                                              gen, bar)
-            saved = copy.deepcopy(mod.state_dict())
-            _write_back(mod, q, scale, bias)
-            after = _relative_mse(_run(mod, x), targets[name])
-            if after > before:   # too few steps to settle: keep round-to-nearest for this layer
-                mod.load_state_dict(saved)
+                learned = _learn_block(mods, x, targets[last], iters, batch_size, lr, reg, gen, bar)
+            saved = [copy.deepcopy(m.state_dict()) for m in mods]
+            for m, (q, scale, bias) in zip(mods, learned):
+                _write_back(m, q, scale, bias)
+            after = _relative_mse(_capture(module, [last], inputs, "output")[last], targets[last])
+            if after > before:   # too few steps to settle: keep round-to-nearest for this block
+                for m, state in zip(mods, saved):
+                    m.load_state_dict(state)
                 after = before
-            report.append(LayerRounding(name, before, after, float((q != nearest).float().mean())))
+            for (name, m), q, q0 in zip(block, (l[0] for l in learned), nearest):
+                flipped = float((integer_weight(m) != q0).float().mean())
+                report.append(LayerRounding(name, before, after, flipped))
     return report
 
 
