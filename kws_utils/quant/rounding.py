@@ -2,9 +2,10 @@
 
 Round-to-nearest picks each weight's integer alone; at 2 bits (ternary) the errors of a whole
 filter add up and the network collapses. ``learn_rounding`` decides, layer after layer, whether
-each weight rounds down or up so that the layer's output (after its ReLU), fed with the input the
-*quantized* network really produces, matches the float network's output on a few hundred
-unlabeled inputs. It also refits each layer's bias (bias correction). Scales stay the calibrated
+each weight rounds down or up so that the output of each block (a depthwise conv with the
+pointwise conv after it, learned jointly as in BRECQ, Li et al. 2021; other layers alone), fed
+with the input the *quantized* network really produces, matches the float network's output on a
+few hundred unlabeled inputs. It also refits each layer's bias (bias correction). Scales stay the calibrated
 ones: the learned integers are written back as float weights that round exactly onto them, so
 the unchanged ``convert()`` and ``export()`` produce the same TI integer form.
 
