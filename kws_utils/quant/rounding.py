@@ -18,17 +18,19 @@ Usage (between calibration and convert)::
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from dataclasses import dataclass
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.ao.quantization import FakeQuantize, disable_fake_quant, disable_observer
-from tqdm.auto import tqdm
 
 from kws_utils import config
+from kws_utils.progress import bar as progress_bar
 from kws_utils.quant import course, qconfig, wrappers
 
 # Rectified sigmoid of AdaRound: stretched to (GAMMA, ZETA) and clipped to [0, 1], so that the
@@ -158,7 +160,7 @@ def _relative_mse(y: torch.Tensor, target: torch.Tensor) -> float:
 
 def _learn_block(mods: list[nn.Module], x: torch.Tensor, target: torch.Tensor, iters: int,
                  batch_size: int, lr: float, reg: float, gen: torch.Generator,
-                 bar: tqdm) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+                 bar: Any) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Integers, scales and folded biases of a chain of layers, learned to map ``x`` to ``target``."""
     states, groups = [], []
     for mod in mods:
@@ -302,6 +304,19 @@ def _check_inputs(inputs: torch.Tensor, iters: int, batch_size: int) -> None:
         raise ValueError(f"iters={iters} and batch_size={batch_size} must be positive.")
 
 
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """Run a block on one CPU thread, then restore the thread count."""
+    # The per-block problems are tiny: on the 2-core machine one thread was about 10x faster
+    # than two (benchmarks/bench_rounding.py), as the threads only add synchronisation.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def learn_rounding(wrapper: nn.Module, inputs: torch.Tensor, iters: int = 500,
                    batch_size: int = 32, lr: float = 1e-2, reg: float = 0.01,
                    seed: int = config.SEED, progress: bool = True) -> list[LayerRounding]:
@@ -314,8 +329,8 @@ def learn_rounding(wrapper: nn.Module, inputs: torch.Tensor, iters: int = 500,
     targets = _capture(float_copy(module), names, inputs, "output")
     gen = torch.Generator().manual_seed(seed)
     report = []
-    with tqdm(total=iters * len(blocks), desc="learned rounding", disable=not progress,
-              unit="step") as bar:
+    with _one_thread(), progress_bar(total=iters * len(blocks), desc="learned rounding",
+                                     disable=not progress, unit="step") as bar:
         for block in blocks:
             first, last = block[0][0], block[-1][0]
             bar.set_postfix_str(first if first == last else f"{first}+{last}")
