@@ -10,6 +10,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Iterator
 
 import numpy as np
@@ -91,9 +92,12 @@ def calibrate(wrapper: TINPUTinyMLQuantFxModule, x: torch.Tensor, batch_size: in
 
 
 def ptq(model: nn.Module, bits: int, calib_x: torch.Tensor, batch_size: int = 100,
-        qconfig_type: dict | None = None) -> TINPUTinyMLPTQFxModule:
-    """Wrap a copy (TI's wrapper changes its model in place) for PTQ, calibrate, convert."""
-    wrapper = quant_backend().TINPUTinyMLPTQFxModule(
+        qconfig_type: dict | None = None, backend: ModuleType | None = None) -> TINPUTinyMLPTQFxModule:
+    """Wrap a copy (TI's wrapper changes its model in place) for PTQ, calibrate, convert.
+
+    ``backend``: the module with the TINPU classes; by default ``quant_backend()``.
+    """
+    wrapper = (backend or quant_backend()).TINPUTinyMLPTQFxModule(
         copy.deepcopy(model), total_epochs=1, qconfig_type=qconfig_type or qconfig_for(bits),
         example_inputs=torch.zeros(1, *config.INPUT_SHAPE))
     calibrate(wrapper, calib_x, batch_size)
