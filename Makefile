@@ -67,11 +67,13 @@ test: setup
 lab: setup
 	$(BIN)/jupyter lab notebooks/
 
-# Maintainers: re-execute the committed notebooks in place on the default profile.
+# Maintainers: re-execute the committed notebooks in place on the default profile, then write
+# each notebook's measured time into its first cell and the README.
 notebooks: setup
 	for nb in $(NOTEBOOKS); do \
 	  $(BIN)/jupyter nbconvert --to notebook --execute --inplace --ExecutePreprocessor.timeout=-1 "$$nb" || exit 1; \
 	done
+	$(BIN)/python scripts/notebook_times.py   # the stated times are this run's
 
 benchmarks: setup
 	$(BIN)/python benchmarks/run_all.py

@@ -52,3 +52,34 @@ def test_no_virtualenv_paths_and_real_data_can_download(path: Path) -> None:
             # A check of the local folder alone would skip where a download could have worked.
             assert not re.search(r"mlperf_dir\(\)[^\n]*\.is_(dir|file)\(\)", cell.source), \
                 f"{path.name} cell {i}: use mlperf.available() for the real-data cells"
+
+
+def _times_script():
+    """scripts/notebook_times.py, imported as a module."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("notebook_times",
+                                                  config.REPO_ROOT / "scripts" / "notebook_times.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("path", PATHS, ids=lambda p: p.name[:2])
+def test_stated_time_is_the_committed_run_time(path: Path) -> None:
+    times = _times_script()
+    nb = nbformat.read(path, as_version=4)
+    seconds = times.run_seconds(nb)
+    assert seconds is not None, f"{path.name}: committed without execution timestamps (run make notebooks)"
+    assert times.time_line(path.name[:2], seconds) in nb.cells[0].source, \
+        f"{path.name}: the stated time is not the run's; python scripts/notebook_times.py rewrites it"
+    if NOTEBOOKS == config.REPO_ROOT / "notebooks":
+        readme = (config.REPO_ROOT / "README.md").read_text()
+        row = next(line for line in readme.splitlines() if line.startswith(f"| {path.name[:2]} | [![Open"))
+        assert f" | {times.exact(seconds)} | " in row, f"README's time for {path.name} is not the run's"
+
+
+def test_time_formatting() -> None:
+    times = _times_script()
+    assert times.rounded(4.4) == "under 1 minute (4 s)"
+    assert times.rounded(298) == "about 5 minutes (4 min 58 s)"
+    assert times.rounded(61) == "about 1 minute (1 min 1 s)"
