@@ -7,6 +7,7 @@ config.Profile can name (momentum, a per-batch cosine schedule, a separate int2 
 are measured here against it, on the active profile and dataset, so notebook 03 can show both.
 
     KWS_PROFILE=ci python scripts/recipe_compare.py        # ~4 min of CPU time on the CI profile
+    python scripts/recipe_compare.py                       # 28 min on the default profile, 2 cores
     python scripts/recipe_compare.py --skip-qat            # float runs only
 
 Writes output/recipe_compare/<profile>_<dataset>.json (see results_path).
