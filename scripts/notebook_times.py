@@ -90,7 +90,8 @@ def main() -> int:
         first = nb.cells[0]
         wanted = time_line(key, seconds)
         if TIME_LINE.search(first.source).group(0) != wanted:
-            mismatches.append(f"{path.name}: first cell says {TIME_LINE.search(first.source).group(0)!r}")
+            stated = TIME_LINE.search(first.source).group(0)
+            mismatches.append(f"{path.name}: first cell said {stated!r}, the run took {exact(seconds)}")
             first.source = TIME_LINE.sub(lambda _: wanted, first.source)
             if not args.check:
                 with files.atomic_path(path) as tmp:
