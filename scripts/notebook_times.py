@@ -65,7 +65,7 @@ def time_line(key: str, seconds: float) -> str:
             f"feature cache already built.{FIRST_RUN.get(key, '')} GPU times are not measured yet.")
 
 
-def readme_row(line: str, key: str, seconds: float) -> str:
+def readme_row(line: str, seconds: float) -> str:
     """A README table row '| 0N | badge | time | gpu |' with its CPU time replaced."""
     cells = line.split(" | ")
     cells[2] = exact(seconds)
@@ -78,7 +78,8 @@ def main() -> int:
     parser.add_argument("--check", action="store_true", help="report mismatches, change nothing")
     args = parser.parse_args()
     readme_path = REPO / "README.md"
-    readme = readme_path.read_text().splitlines(keepends=True)
+    old_readme = readme_path.read_text()
+    readme = old_readme.splitlines(keepends=True)
     mismatches, total = [], 0.0
     for path in sorted((REPO / "notebooks").glob("[0-9][0-9]_*.ipynb")):
         key, nb = path.name[:2], nbformat.read(path, as_version=4)
@@ -89,8 +90,8 @@ def main() -> int:
         total += seconds
         first = nb.cells[0]
         wanted = time_line(key, seconds)
-        if TIME_LINE.search(first.source).group(0) != wanted:
-            stated = TIME_LINE.search(first.source).group(0)
+        stated = TIME_LINE.search(first.source).group(0)
+        if stated != wanted:
             mismatches.append(f"{path.name}: first cell said {stated!r}, the run took {exact(seconds)}")
             first.source = TIME_LINE.sub(lambda _: wanted, first.source)
             if not args.check:
@@ -98,10 +99,10 @@ def main() -> int:
                     nbformat.write(nb, str(tmp))
         for i, line in enumerate(readme):
             if line.startswith(f"| {key} | [![Open In Colab]"):
-                readme[i] = readme_row(line, key, seconds)
+                readme[i] = readme_row(line, seconds)
     print(f"the six notebooks add up to {exact(total)}")
     new_readme = "".join(readme)
-    if new_readme != readme_path.read_text():
+    if new_readme != old_readme:
         mismatches.append("README.md: the time table differs from the notebooks' timestamps")
         if not args.check:
             files.write_text(readme_path, new_readme)
