@@ -289,11 +289,11 @@ def device() -> "torch.device":
 
 
 def quant_backend_choice() -> str:
-    """Quantization package for the notebooks, from KWS_QUANT_BACKEND: ``course`` (default) or ``ti``."""
-    choice = os.environ.get("KWS_QUANT_BACKEND", "course")
-    if choice not in ("course", "ti"):
-        raise ConfigError(f"KWS_QUANT_BACKEND={choice!r}: use 'course' (kws_utils.quant) or 'ti' "
-                         "(TI's tinyml_torchmodelopt, if installed).")
+    """Quantization package, from KWS_QUANT_BACKEND: ``auto`` (default), ``ti`` or ``course``."""
+    choice = os.environ.get("KWS_QUANT_BACKEND", "auto").strip().lower()
+    if choice not in ("auto", "course", "ti"):
+        raise ConfigError(f"KWS_QUANT_BACKEND={choice!r}: use 'auto' (TI's package when installed), "
+                         "'ti' (TI's tinyml_torchmodelopt) or 'course' (kws_utils.quant).")
     return choice
 
 

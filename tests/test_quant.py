@@ -368,7 +368,12 @@ def test_ptq_keeps_bn_frozen_and_weights_fixed(backend) -> None:
 
 
 def test_quant_backend_switch(monkeypatch) -> None:
-    monkeypatch.delenv("KWS_QUANT_BACKEND", raising=False)
+    monkeypatch.setenv("KWS_QUANT_BACKEND", "course")
+    assert quant.quant_backend() is quant
+    monkeypatch.delenv("KWS_QUANT_BACKEND", raising=False)   # auto: TI's package when installed
+    expected = "tinyml_torchmodelopt.quantization" if quant.ti_installed() else "kws_utils.quant"
+    assert quant.quant_backend().__name__ == expected
+    monkeypatch.setattr(quant.wrappers, "ti_installed", lambda: False)
     assert quant.quant_backend() is quant
     monkeypatch.setenv("KWS_QUANT_BACKEND", "nonsense")
     with pytest.raises(ValueError, match="KWS_QUANT_BACKEND"):

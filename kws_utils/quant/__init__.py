@@ -62,7 +62,7 @@ from kws_utils.quant.integer import (InputStage, IntegerModel, IntLayer, build_i
 from kws_utils.quant.onnx_read import read_integer_onnx
 from kws_utils.quant.wrappers import (TINPUTinyMLPTQFxModule, TINPUTinyMLQATFxModule,
                                       TINPUTinyMLQuantFxModule, TinyMLModelQConfigFormat,
-                                      quant_backend)
+                                      quant_backend, ti_installed)
 from kws_utils.quant.course import (QUANT_METHODS, VariantResult, accuracy, calibrate,
                                     calibration_subset, export_integer, fake_quantize_weight,
                                     fold_batchnorm, integer_module, is_ti, onnx_check,

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import importlib.util
 import warnings
 from functools import partial
 from pathlib import Path
@@ -315,12 +316,26 @@ def _check_calibrated(module: nn.Module) -> None:
 
 
 
+def ti_installed() -> bool:
+    """True if TI's tinyml_torchmodelopt can be imported here."""
+    return importlib.util.find_spec("tinyml_torchmodelopt") is not None
+
+
+_NOTICE_SHOWN: list[bool] = []
+
+
 def quant_backend() -> ModuleType:
-    """The module with the TINPU classes: kws_utils.quant, or TI's when KWS_QUANT_BACKEND=ti."""
-    if config.quant_backend_choice() == "ti":
+    """The module with the TINPU classes: TI's package by default when installed, else kws_utils.quant."""
+    choice = config.quant_backend_choice()
+    if choice == "ti" or (choice == "auto" and ti_installed()):
         try:
             return importlib.import_module("tinyml_torchmodelopt.quantization")
         except ImportError as err:
             raise ImportError("KWS_QUANT_BACKEND=ti but tinyml_torchmodelopt is not installed: "
-                              "pip install TI's tinyml-modeloptimization or unset the variable.") from err
+                              "pip install TI's tinyml-modeloptimization (README, 'Set-up') or set "
+                              "KWS_QUANT_BACKEND=course.") from err
+    if choice == "auto" and not _NOTICE_SHOWN:
+        _NOTICE_SHOWN.append(True)   # once per process: the notebooks call this often
+        print("TI's tinyml_torchmodelopt is not installed: using kws_utils.quant, the course's "
+              "stand-in with the same API and integer results.")
     return importlib.import_module("kws_utils.quant")
