@@ -27,7 +27,7 @@ import torch
 from scipy.signal import resample_poly
 from torch.utils.data import WeightedRandomSampler
 
-from kws_utils import config, progress, synthetic
+from kws_utils import config, holdout, progress, synthetic
 from kws_utils.files import atomic_path
 from kws_utils.errors import (FileFormatError, InputError, InputTypeError, KWSError,
                               MissingFileError)
@@ -160,6 +160,7 @@ def load_kws01(folder: str | Path | None = None) -> tuple[torch.Tensor, torch.Te
                               "(y_labels.csv with one row per .bin file).")
     q = torch.from_numpy(np.stack(feats).astype(np.float32))
     x = ((q - KWS01_ZERO_POINT) * KWS01_SCALE).reshape(-1, *config.INPUT_SHAPE)
+    holdout.register_test_inputs(x, "MLPerf kws01")   # real test clips: scoring only
     return x, torch.tensor(labels, dtype=torch.long), names
 
 
@@ -417,9 +418,14 @@ def prepare_real() -> tuple[Path, Path]:
     train, test = config.real_data_dir(), config.real_test_dir()
     _prepare_real_folder(train, TRAIN_URL, TRAIN_SHA256, TRAIN_BYTES, "KWS_DATA_DIR",
                          validate_train_dir)
-    _prepare_real_folder(test, TEST_URL, TEST_SHA256, TEST_BYTES, "KWS_TEST_DIR",
+    return train, prepare_real_test()
+
+
+def prepare_real_test() -> Path:
+    """Only the official test set (112 MB), downloaded and extracted first if needed."""
+    _prepare_real_folder(config.real_test_dir(), TEST_URL, TEST_SHA256, TEST_BYTES, "KWS_TEST_DIR",
                          validate_test_dir)
-    return train, test
+    return config.real_test_dir()
 
 
 def real_ready() -> bool:
@@ -496,7 +502,7 @@ def _read_list(path: Path) -> set[str]:
     return {line.strip() for line in path.read_text().splitlines() if line.strip()}
 
 
-def _word_label(word: str) -> int:
+def word_label(word: str) -> int:
     """The MLPerf class of a Speech Commands word: itself if a keyword, else unknown."""
     return LABEL_INDEX[word] if word in config.KEYWORDS else config.UNKNOWN_INDEX
 
@@ -554,7 +560,7 @@ def splits(info: DatasetInfo) -> dict[str, list[Clip]]:
         # testing_list clips belong to the official test speakers: used for neither split.
         if rel not in testing:
             split = "validation" if rel in validation else "train"
-            out[split].append(Clip(str(root / rel), _word_label(files[rel])))
+            out[split].append(Clip(str(root / rel), word_label(files[rel])))
     for split, clips in silence_clips(root).items():
         out[split] += clips
     out["test"] = test_clips(Path(info.test_dir))

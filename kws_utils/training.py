@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.utils.data import Sampler
 
-from kws_utils import config, data, features, files, mlperf, progress
+from kws_utils import config, data, features, files, holdout, mlperf, progress
 from kws_utils.errors import InputError, InputTypeError, TrainingDiverged
 from kws_utils.model import DSCNN, load_checkpoint
 
@@ -367,6 +367,8 @@ def prepare_features(info: "data.DatasetInfo", views: int | None = None) -> Feat
         return features.compute_features(train_waves[0], augment=(data.noise_bank(info), generator),
                                           desc=f"MFCC train view {view + 1}/{views}")
 
+    test_x = features.cached(folder / "test.pt", lambda: clean("test"))
+    holdout.register_test_inputs(test_x, f"{info.kind} test split")
     return FeatureSets(
         source=info.kind,
         train_views=[features.cached(folder / f"train_view{v}.pt", lambda v=v: augmented(v))
@@ -374,7 +376,7 @@ def prepare_features(info: "data.DatasetInfo", views: int | None = None) -> Feat
         train_y=labels["train"],
         val_x=features.cached(folder / "validation.pt", lambda: clean("validation")),
         val_y=labels["validation"],
-        test_x=features.cached(folder / "test.pt", lambda: clean("test")),
+        test_x=test_x,
         test_y=labels["test"],
     )
 

@@ -20,7 +20,7 @@ from torch import nn
 from torch.ao.quantization import FakeQuantize
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from kws_utils import config, export as kws_export, files, tinpu_onnx, training
+from kws_utils import config, export as kws_export, files, holdout, tinpu_onnx, training
 from kws_utils.quant.observers import ceil_power2
 from kws_utils.quant.qconfig import WEIGHT_BITS, qconfig_for
 from kws_utils.quant.wrappers import (TINPUTinyMLPTQFxModule, TINPUTinyMLQATFxModule,
@@ -80,6 +80,7 @@ def calibration_subset(x: torch.Tensor, n: int, seed: int = config.SEED) -> torc
 def calibrate(wrapper: TINPUTinyMLQuantFxModule, x: torch.Tensor, batch_size: int = 100,
               seed: int = config.SEED) -> TINPUTinyMLQuantFxModule:
     """PTQ calibration as TI's KWS example does it: train() (one epoch), forward passes, eval()."""
+    holdout.refuse_test_inputs(x, "quant.calibrate")
     # train() mode keeps dropout on, so the observed ranges depend on its masks: seed them
     # (without disturbing the caller's random state) so that calibration is reproducible.
     with torch.random.fork_rng(), torch.no_grad(), training.on_device(wrapper) as device:

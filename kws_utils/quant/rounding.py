@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.ao.quantization import FakeQuantize, disable_fake_quant, disable_observer
 
-from kws_utils import config
+from kws_utils import config, holdout
 from kws_utils.progress import bar as progress_bar
 from kws_utils.quant import course, qconfig, wrappers
 
@@ -321,6 +321,7 @@ def learn_rounding(wrapper: nn.Module, inputs: torch.Tensor, iters: int = 500,
                    batch_size: int = 32, lr: float = 1e-2, reg: float = 0.01,
                    seed: int = config.SEED, progress: bool = True) -> list[LayerRounding]:
     """Learn each weight's rounding (and bias) of a calibrated PTQ wrapper; ready for convert()."""
+    holdout.refuse_test_inputs(inputs, "quant.learn_rounding")
     module = _graph(wrapper)
     _check_inputs(inputs, iters, batch_size)
     module.apply(disable_observer)   # calibration ends here: scales must not move any more
