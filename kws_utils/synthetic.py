@@ -377,9 +377,31 @@ def _at_level(wave: np.ndarray, rms_db: float) -> np.ndarray:
     return _to_int16(wave * gain)
 
 
+def real_noise_dir() -> Path | None:
+    """The six real background-noise recordings when this machine has them, else None."""
+    from kws_utils import real_audio   # here: real_audio imports data, which imports this module
+    return real_audio.noise_dir()
+
+
+@lru_cache(maxsize=8)
+def _real_recording(path: str) -> np.ndarray:
+    """One real noise recording as float in [-1, 1], read once per worker process."""
+    wave, rate = sf.read(path, dtype="float32")
+    wave = wave.mean(axis=1) if wave.ndim > 1 else wave
+    return _to_16k(wave, rate) if rate != config.SAMPLE_RATE else wave
+
+
 def write_background_noise(folder: Path, seed: int) -> None:
-    """The ``_background_noise_`` recordings: one minute of each noise kind."""
+    """The ``_background_noise_`` recordings: the six real ones when available, else generated."""
     folder.mkdir(parents=True)
+    real = real_noise_dir()
+    if real is not None:
+        # Real recordings make the silence class and the noise augmentation sound like the real
+        # dataset's; running_tap.wav stays the validation recording (config.VALIDATION_NOISE_FILE).
+        for path in sorted(real.glob("*.wav")):
+            sf.write(folder / path.name, _to_int16(_real_recording(str(path))), config.SAMPLE_RATE,
+                     subtype="PCM_16")
+        return
     for i, kind in enumerate(NOISE_KINDS):
         rng = np.random.default_rng([seed, STREAM_NOISE, i])
         wave = make_noise(kind, NOISE_SECONDS * config.SAMPLE_RATE, rng)
@@ -423,7 +445,8 @@ def test_jobs(speakers: list[Speaker], per_class: int, seed: int) -> list[list[J
             rng_seed = (seed, STREAM_TEST, c, j)
             sp = testers[j % len(testers)]
             if label == "silence":
-                kind = NOISE_KINDS[j % len(NOISE_KINDS)]
+                kinds = noise_names()
+                kind = kinds[j % len(kinds)]
                 shard.append(Job(f"{config.TEST_SILENCE_DIR}/{kind}_{j:04d}.wav", kind, -1,
                                  rng_seed))
             elif label == "unknown":
@@ -441,9 +464,15 @@ def test_jobs(speakers: list[Speaker], per_class: int, seed: int) -> list[list[J
 def render_job(espeak: Espeak, job: Job, speakers: list[Speaker]) -> np.ndarray:
     """The int16 samples of one job."""
     rng = np.random.default_rng(list(job.seed))
-    if job.speaker < 0:
+    if job.speaker < 0 and job.word in NOISE_KINDS:
         # Test silence: fresh noise (never cut from the training recordings), quiet to moderate.
         return _at_level(make_noise(job.word, config.CLIP_SAMPLES, rng), rng.uniform(-65, -25))
+    if job.speaker < 0:
+        # Test silence from a real recording, as the official test set cuts its _silence_ clips.
+        wave = _real_recording(str(real_noise_dir() / f"{job.word}.wav"))
+        start = int(rng.integers(0, wave.size - config.CLIP_SAMPLES))
+        cut = wave[start:start + config.CLIP_SAMPLES]
+        return _at_level(cut / max(cut.std(), 1e-6), rng.uniform(-65, -25))
     return render_word(espeak, job.word, speakers[job.speaker], rng)
 
 
@@ -535,11 +564,20 @@ def fresh_partial(target: Path) -> Path:
     return Path(tempfile.mkdtemp(prefix=prefix, dir=target.parent))
 
 
+def noise_names() -> tuple[str, ...]:
+    """Names of the background recordings the generated dataset gets: real ones if available."""
+    real = real_noise_dir()
+    return tuple(sorted(p.stem for p in real.glob("*.wav"))) if real is not None else NOISE_KINDS
+
+
 def train_params(speakers: int, seed: int) -> dict:
     """What identifies a generated main dataset (stored in, and checked against, its marker)."""
-    return {"kind": "synthetic", "generator_version": GENERATOR_VERSION, "seed": seed,
-            "speakers": speakers, "keyword_repeats": config.SYNTH_KEYWORD_REPEATS,
-            "aux_repeats": config.SYNTH_AUX_REPEATS, "shard_speakers": SHARD_SPEAKERS}
+    params = {"kind": "synthetic", "generator_version": GENERATOR_VERSION, "seed": seed,
+              "speakers": speakers, "keyword_repeats": config.SYNTH_KEYWORD_REPEATS,
+              "aux_repeats": config.SYNTH_AUX_REPEATS, "shard_speakers": SHARD_SPEAKERS}
+    if real_noise_dir() is not None:   # a folder made with generated noise is then regenerated
+        params["noise"] = "real: " + ", ".join(noise_names())
+    return params
 
 
 def test_params(speakers: int, per_class: int, seed: int) -> dict:

@@ -46,7 +46,7 @@ def test_layout_matches_speech_commands(generated: tuple[Path, Path]) -> None:
 
 def test_background_noise_recordings(generated: tuple[Path, Path]) -> None:
     noise = sorted((generated[0] / config.BACKGROUND_NOISE_DIR).glob("*.wav"))
-    assert {p.stem for p in noise} == set(synthetic.NOISE_KINDS)
+    assert {p.stem for p in noise} == set(synthetic.noise_names())
     assert config.VALIDATION_NOISE_FILE in {p.name for p in noise}
     for path in noise:
         wave, rate = sf.read(str(path), dtype="int16")
@@ -152,3 +152,28 @@ def test_every_voice_speaks() -> None:
 def test_too_few_speakers_rejected() -> None:
     with pytest.raises(ValueError, match="at least 3"):
         synthetic.split_quotas(2)
+
+
+def test_real_noise_replaces_generated_noise_when_available(tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    real = tmp_path / "real" / config.BACKGROUND_NOISE_DIR
+    real.mkdir(parents=True)
+    names = ["doing_the_dishes", "dude_miaowing", "exercise_bike", "pink_noise", "running_tap", "white_noise"]
+    rng = np.random.default_rng(0)
+    for name in names:
+        sf.write(real / f"{name}.wav", (rng.standard_normal(3 * 16000) * 3000).astype(np.int16), 16000,
+                 subtype="PCM_16")
+    monkeypatch.setenv("KWS_REAL_AUDIO_DIR", str(real.parent))
+    monkeypatch.setenv("KWS_DATA_DIR", str(tmp_path / "no_real_dataset"))
+    assert synthetic.noise_names() == tuple(names)
+    assert synthetic.train_params(5, 0)["noise"].startswith("real")
+    synthetic.write_background_noise(tmp_path / "out", seed=0)
+    for name in names:
+        copied, _ = sf.read(str(tmp_path / "out" / f"{name}.wav"), dtype="int16")
+        original, _ = sf.read(str(real / f"{name}.wav"), dtype="int16")
+        assert np.abs(copied.astype(int) - original).max() <= 1      # the recording, not new noise
+    job = synthetic.Job("_silence_/pink_noise_0000.wav", "pink_noise", -1, (0, 4, 10, 0))
+    clip = synthetic.render_job(None, job, [])
+    assert clip.shape == (config.CLIP_SAMPLES,) and clip.dtype == np.int16 and np.abs(clip).max() > 0
+    monkeypatch.setenv("KWS_REAL_AUDIO_DIR", str(tmp_path / "absent"))
+    assert synthetic.noise_names() == synthetic.NOISE_KINDS and "noise" not in synthetic.train_params(5, 0)
