@@ -189,6 +189,14 @@ def test_default_recipe_is_tis() -> None:
     assert scheduler.T_max == prof.epochs
 
 
+def test_workshop_profile_teaches_the_same_recipe_on_less_data() -> None:
+    default, workshop = config.PROFILES["default"], config.PROFILES["workshop"]
+    same = ("epochs", "batch_size", "lr", "momentum", "per_batch_schedule", "int2_qat_lr")
+    assert all(getattr(workshop, f) == getattr(default, f) for f in same)
+    assert workshop.synth_speakers < default.synth_speakers and workshop.aug_views < default.aug_views
+    assert all(name in config.STREAM_CLIPS for name in config.PROFILES)
+
+
 def test_per_batch_schedule_and_momentum_are_options() -> None:
     x, y = toy_problem(200)
     for per_batch in (False, True):
