@@ -17,7 +17,7 @@ TI_COMMIT := ca0ef4793f56158d5e768ef58cd2dfda9f56499b
 TI_GIT := tinyml_torchmodelopt @ git+$(TI_REPO)@$(TI_COMMIT)\#subdirectory=tinyml-modeloptimization/torchmodelopt
 HAS_TI = $(BIN)/python -c "import tinyml_torchmodelopt" 2>/dev/null
 
-.PHONY: setup course test lab notebooks benchmarks clean
+.PHONY: setup data course test lab notebooks benchmarks clean
 
 # Headless runs print Netron's command instead of starting its server (`make lab` embeds it).
 course test notebooks: export KWS_NETRON ?= print
@@ -40,6 +40,11 @@ $(STAMP): requirements.txt requirements-ti.txt pyproject.toml
 	  echo "TI's tinyml_torchmodelopt is not available (no wheel in ../shared/vendor, GitHub unreachable): the course uses kws_utils.quant."; \
 	fi
 	touch $(STAMP)
+
+# The dataset, feature caches and real-audio features of the active profile (KWS_PROFILE), made
+# ahead of a session: `KWS_PROFILE=workshop make data` the evening before a workshop.
+data: setup
+	$(BIN)/python scripts/prepare_data.py
 
 # The full course on the default profile; executed copies go to output/notebooks/.
 course: setup
