@@ -139,17 +139,18 @@ def load_kws01(folder: str | Path | None = None) -> tuple[torch.Tensor, torch.Te
     if not labels_csv.is_file():
         raise MissingFileError(f"{labels_csv} not found: point to the kws01 folder of the MLPerf "
                                 "artifacts (KWS_MLPERF_DIR), which holds y_labels.csv and the .bin files.")
-    names, labels, feats = [], [], []
+    names, labels, feats, first_label = [], [], [], {}
     # utf-8-sig: a byte order mark (Excel's "CSV UTF-8") is not part of the first file name
     with labels_csv.open(newline="", encoding="utf-8-sig", errors="replace") as fh:
         for line, row in enumerate(csv.reader(fh), start=1):
             if not row or (parsed := _kws01_row(labels_csv, line, row)) is None:
                 continue
             name, label = parsed
-            if name in names:
+            if name in first_label:
                 raise FileFormatError(f"{labels_csv} line {line}: {name} is listed a second time "
-                                      f"(first with label {labels[names.index(name)]}); each file "
-                                      "must appear once. Copy the kws01 folder again.")
+                                      f"(first with label {first_label[name]}); each file must "
+                                      "appear once. Copy the kws01 folder again.")
+            first_label[name] = label
             if not (folder / name).is_file():
                 raise MissingFileError(f"{folder / name}: named in {labels_csv} line {line} but "
                                        "missing; copy the complete kws01 folder again.")
@@ -544,7 +545,7 @@ def _speech_files(root: Path) -> dict[str, str]:
     files = {}
     for word in config.ALL_WORDS:
         for entry in os.scandir(root / word):
-            if entry.name.endswith(".wav"):
+            if entry.name.lower().endswith(".wav"):
                 files[f"{word}/{entry.name}"] = word
     return files
 

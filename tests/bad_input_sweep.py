@@ -1077,6 +1077,15 @@ def round_two(clip: np.ndarray, net: torch.nn.Module) -> list[Case]:
     import errno
     add(Case("r2/atomic_path/disk_full", lambda c: _atomic_fails(c, OSError(errno.ENOSPC, "No space left on device")),
              ("out.bin",)))
+    def unwritable(c: Ctx) -> Any:
+        def refuse(*_a: Any, dir: Any = None, **_k: Any) -> Any:   # noqa: A002 - mkstemp's name
+            raise PermissionError(errno.EACCES, "Permission denied", str(Path(dir) / ".kws-tmp-x"))
+        real, tempfile.mkstemp = tempfile.mkstemp, refuse    # as root, chmod would not stop a write
+        try:
+            return files.write_text(c.tmp / "report.txt", "x")
+        finally:
+            tempfile.mkstemp = real
+    add(Case("r2/atomic_path/unwritable_folder", unwritable, ("report.txt",)))
     add(Case("r2/atomic_path/too_large", lambda c: _atomic_fails(c, OSError(errno.EFBIG, "File too large")),
              ("out.bin",)))
     for name, content in (("binary", bytes(range(256)) * 4), ("empty", b""), ("text", b"hello\n")):
@@ -1120,9 +1129,9 @@ def round_two(clip: np.ndarray, net: torch.nn.Module) -> list[Case]:
 
     def qdq_file(c: Ctx) -> Path:
         w = ptq_wrapper(c)
-        return Path(w.export(torch.zeros(1, *config.INPUT_SHAPE), c.tmp / "qdq.onnx",
+        return Path(w.export(torch.zeros(1, *config.INPUT_SHAPE), c.tmp / "fq.onnx",
                              model_qconfig_format=quant.TinyMLModelQConfigFormat.QDQ_MODEL))
-    add(Case("r2/load_integer_onnx/qdq", lambda c: deploy.load_integer_onnx(qdq_file(c)), ("qdq",)))
+    add(Case("r2/load_integer_onnx/fake_quant_form", lambda c: deploy.load_integer_onnx(qdq_file(c)), ("QDQ",)))
     add(Case("r2/load_checkpoint/module_prefix", lambda c: model.load_checkpoint(
         tiny_model(), _state_with(lambda s: {f"module.{k}": v for k, v in s.items()})(c)), check=_same_weights(None)))
     add(Case("r2/load_checkpoint/state_dict_key", lambda c: model.load_checkpoint(

@@ -301,3 +301,14 @@ def test_second_generation_waits_for_the_first(tmp_path: Path) -> None:
     (tmp_path / "target.lock").write_text(f"{proc.pid}\n")
     files.wait_unlocked(tmp_path / "target", timeout_s=60)
     assert proc.poll() is not None
+
+
+def test_unwritable_folder_names_the_target(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import tempfile
+
+    def refuse(*_a: object, dir: object = None, **_k: object) -> None:   # noqa: A002
+        raise PermissionError(errno.EACCES, "Permission denied", str(Path(str(dir)) / ".kws-tmp-x"))
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)     # as root, chmod 0500 would not stop a write
+    with pytest.raises(WriteError, match=r"report.txt: Permission denied.*not writable") as err:
+        files.write_text(tmp_path / "report.txt", "x")
+    assert ".kws-tmp" not in str(err.value)
