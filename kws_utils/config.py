@@ -163,7 +163,11 @@ def dataset_choice() -> str:
 
 def data_root() -> Path:
     """Where datasets, downloads and feature caches live (KWS_DATA_ROOT, default ./data)."""
-    return Path(os.environ.get("KWS_DATA_ROOT", WORK_ROOT / "data"))
+    value = os.environ.get("KWS_DATA_ROOT")
+    if value is not None and not value.strip():
+        raise ConfigError("KWS_DATA_ROOT is set but empty: set it to a folder (e.g. "
+                          "KWS_DATA_ROOT=$HOME/kws_data) or unset it for the default ./data.")
+    return Path(value.strip()).expanduser().absolute() if value else WORK_ROOT / "data"
 
 
 def real_data_dir() -> Path:

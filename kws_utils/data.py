@@ -27,7 +27,7 @@ import torch
 from scipy.signal import resample_poly
 from torch.utils.data import WeightedRandomSampler
 
-from kws_utils import config, holdout, progress, synthetic
+from kws_utils import config, files, holdout, progress, synthetic
 from kws_utils.files import atomic_path
 from kws_utils.errors import (FileFormatError, InputError, InputTypeError, KWSError,
                               MissingFileError)
@@ -139,12 +139,18 @@ def load_kws01(folder: str | Path | None = None) -> tuple[torch.Tensor, torch.Te
     if not labels_csv.is_file():
         raise MissingFileError(f"{labels_csv} not found: point to the kws01 folder of the MLPerf "
                                 "artifacts (KWS_MLPERF_DIR), which holds y_labels.csv and the .bin files.")
-    names, labels, feats = [], [], []
-    with labels_csv.open(newline="") as fh:
+    names, labels, feats, first_label = [], [], [], {}
+    # utf-8-sig: a byte order mark (Excel's "CSV UTF-8") is not part of the first file name
+    with labels_csv.open(newline="", encoding="utf-8-sig", errors="replace") as fh:
         for line, row in enumerate(csv.reader(fh), start=1):
             if not row or (parsed := _kws01_row(labels_csv, line, row)) is None:
                 continue
             name, label = parsed
+            if name in first_label:
+                raise FileFormatError(f"{labels_csv} line {line}: {name} is listed a second time "
+                                      f"(first with label {first_label[name]}); each file must "
+                                      "appear once. Copy the kws01 folder again.")
+            first_label[name] = label
             if not (folder / name).is_file():
                 raise MissingFileError(f"{folder / name}: named in {labels_csv} line {line} but "
                                        "missing; copy the complete kws01 folder again.")
@@ -270,7 +276,9 @@ def _fetch(url: str, part: Path, size: int | None, show_progress: bool = True) -
 def download(url: str, dest: Path, sha256: str, size: int | None = None,
              show_progress: bool = True) -> Path:
     """Download ``url`` to ``dest`` via a temporary name, renamed into place only if verified."""
-    dest = Path(dest)
+    dest, sha256 = Path(dest), _check_sha256(sha256)
+    if not isinstance(url, str) or url.split("://", 1)[0] not in ("http", "https", "ftp", "file"):
+        raise InputError(f"url={url!r}: give a full address starting with https:// or http://.")
     if dest.is_file() and file_sha256(dest) == sha256:
         return dest
     # atomic_path deletes the temporary file on any error (even Ctrl-C), so nothing that could
@@ -281,6 +289,14 @@ def download(url: str, dest: Path, sha256: str, size: int | None = None,
             raise DownloadError(f"{url}: checksum mismatch (got sha256 {digest}, expected "
                                 f"{sha256}). The file was deleted; try again later.")
     return dest
+
+
+def _check_sha256(sha256: object) -> str:
+    """The expected checksum in lower case, or a clear error unless it is 64 hex digits."""
+    text = sha256.strip().lower() if isinstance(sha256, str) else ""
+    if len(text) != 64 or any(ch not in "0123456789abcdef" for ch in text):
+        raise InputError(f"sha256={sha256!r}: give the file's SHA-256 checksum as 64 hex digits.")
+    return text
 
 
 def file_sha256(path: Path) -> str:
@@ -309,6 +325,12 @@ def extract(archive: Path, target: Path, marker: dict) -> Path:
     target = Path(target)
     if not Path(archive).is_file():
         raise MissingFileError(f"{archive}: no such archive; download it first.")
+    with files.folder_lock(target):
+        return _extract_locked(Path(archive), target, marker)
+
+
+def _extract_locked(archive: Path, target: Path, marker: dict) -> Path:
+    """extract() while holding the target's lock file."""
     synthetic.check_replaceable(target)    # never delete or rename what the course did not make
     partial = synthetic.fresh_partial(target)
     try:
@@ -371,6 +393,19 @@ def validate_train_dir(folder: Path, require_marker: bool = True) -> None:
     if not any((folder / config.BACKGROUND_NOISE_DIR).glob("*.wav")):
         raise DatasetError(f"{folder / config.BACKGROUND_NOISE_DIR} holds no recordings, so there "
                            "is no silence class. Delete the folder and prepare it again.")
+    for path in (folder / config.BACKGROUND_NOISE_DIR).glob("*.wav"):
+        _check_noise_length(path)
+
+
+def _check_noise_length(path: Path) -> None:
+    """Refuse a background recording too short to cut one 1 s silence clip from."""
+    try:
+        frames = _noise_frames(path)
+    except (RuntimeError, sf.LibsndfileError) as err:
+        raise AudioError(f"{path}: not a readable wav file ({err}). Replace or delete it.") from None
+    if frames < config.CLIP_SAMPLES:
+        raise AudioError(f"{path}: {frames} samples, shorter than one 1 s silence clip "
+                         f"({config.CLIP_SAMPLES}); use longer background recordings or delete it.")
 
 
 def validate_test_dir(folder: Path, require_marker: bool = True) -> None:
@@ -379,8 +414,7 @@ def validate_test_dir(folder: Path, require_marker: bool = True) -> None:
     _check_marker(folder, require_marker, "Test set")
     subfolders = _subfolders(folder)
     missing = [name for name in TEST_FOLDERS if name not in subfolders]
-    empty = [name for name in TEST_FOLDERS
-             if name in subfolders and not any((folder / name).glob("*.wav"))]
+    empty = [name for name in TEST_FOLDERS if name in subfolders and not _wav_files(folder / name)]
     if missing or empty:
         raise DatasetError(f"{folder}: class folders missing {missing} or empty {empty}; not a "
                            "complete speech_commands_test_set_v0.02 folder. Delete it and prepare "
@@ -499,7 +533,12 @@ def banner(info: DatasetInfo) -> str:
 # ----------------------------------------------------------------------------- splits
 def _read_list(path: Path) -> set[str]:
     """The relative clip paths of a split list file."""
-    return {line.strip() for line in path.read_text().splitlines() if line.strip()}
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise DatasetError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start}); use the "
+                           "list file of the original dataset (one clip path per line).") from None
+    return {line.strip() for line in text.splitlines() if line.strip()}
 
 
 def word_label(word: str) -> int:
@@ -512,7 +551,7 @@ def _speech_files(root: Path) -> dict[str, str]:
     files = {}
     for word in config.ALL_WORDS:
         for entry in os.scandir(root / word):
-            if entry.name.endswith(".wav"):
+            if entry.name.lower().endswith(".wav"):
                 files[f"{word}/{entry.name}"] = word
     return files
 
@@ -532,23 +571,32 @@ def silence_clips(root: Path) -> dict[str, list[Clip]]:
     out: dict[str, list[Clip]] = {"train": [], "validation": []}
     for path in sorted((root / config.BACKGROUND_NOISE_DIR).glob("*.wav")):
         split = "validation" if path.name == config.VALIDATION_NOISE_FILE else "train"
+        _check_noise_length(path)
         last = _noise_frames(path) - config.CLIP_SAMPLES
         out[split] += [Clip(str(path), config.SILENCE_INDEX, offset)
                        for offset in range(0, last + 1, config.SILENCE_HOP)]
     return out
 
 
+def _wav_files(folder: Path) -> list[Path]:
+    """The wav files of a folder, sorted; the extension in any case (.wav, .WAV)."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() == ".wav" and p.is_file())
+
+
 def test_clips(folder: Path) -> list[Clip]:
     """The balanced test set: the class is the folder name (keyword, _silence_, _unknown_)."""
     clips = []
     for name, label in TEST_FOLDERS.items():
-        clips += [Clip(str(path), label) for path in sorted((folder / name).glob("*.wav"))]
+        clips += [Clip(str(path), label) for path in _wav_files(folder / name)]
     return clips
 
 
 def splits(info: DatasetInfo) -> dict[str, list[Clip]]:
     """Train, validation and test clips of the 12 MLPerf classes (see the module comments)."""
     root = Path(info.train_dir)
+    validate_train_dir(root, require_marker=False)     # a clear error for a half-extracted folder
     files = _speech_files(root)
     validation, testing = (_read_list(root / f"{s}_list.txt") for s in ("validation", "testing"))
     unknown = sorted((validation | testing) - files.keys())
@@ -599,12 +647,21 @@ def noise_bank(info: DatasetInfo, include_validation: bool = False) -> list[np.n
 # ----------------------------------------------------------------------------- balance
 def class_counts(clips: list[Clip]) -> np.ndarray:
     """Number of clips of each of the 12 classes, in config.LABELS order."""
-    return np.bincount([clip.label for clip in clips], minlength=len(config.LABELS))
+    labels = [clip.label for clip in clips]
+    bad = [label for label in labels if isinstance(label, bool) or not isinstance(label, (int, np.integer))
+           or not 0 <= label < len(config.LABELS)]
+    if bad:
+        raise InputError(f"clips hold label {bad[0]!r}: a label must be a class index 0.."
+                         f"{len(config.LABELS) - 1} (config.LABELS). Build the clips with data.splits.")
+    return np.bincount(np.asarray(labels, dtype=np.int64), minlength=len(config.LABELS))
 
 
 def class_weights(counts: np.ndarray) -> torch.Tensor:
     """Inverse-frequency class weights normalised to mean 1 (for a weighted loss)."""
     counts = np.asarray(counts, dtype=np.float64)
+    if counts.shape != (len(config.LABELS),):
+        raise InputError(f"counts has shape {counts.shape}: give one count per class "
+                         f"({len(config.LABELS)},), e.g. data.class_counts(clips).")
     if (counts <= 0).any():
         empty = [config.LABELS[i] for i in np.nonzero(counts <= 0)[0]]
         raise InputError(f"classes {empty} have no clips: a split without them cannot be "
@@ -616,6 +673,8 @@ def class_weights(counts: np.ndarray) -> torch.Tensor:
 def weighted_sampler(clips: list[Clip], generator: torch.Generator | None = None
                      ) -> WeightedRandomSampler:
     """A sampler drawing every class equally often (with replacement), one epoch = len(clips)."""
+    if len(clips) == 0:
+        raise InputError("clips is empty: a sampler needs at least one clip (check the split).")
     counts = class_counts(clips)
     per_clip = 1.0 / counts[[clip.label for clip in clips]]
     return WeightedRandomSampler(torch.as_tensor(per_clip, dtype=torch.double),

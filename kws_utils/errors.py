@@ -36,3 +36,11 @@ class TrainingDiverged(KWSError, FloatingPointError):
 
 class TargetExistsError(KWSError, FileExistsError):
     """A target path that exists and is not the course's own, so it is left untouched."""
+
+
+class WriteError(KWSError, OSError):
+    """A file that could not be written (full disk, no permission, a file where a folder should be)."""
+
+
+class BusyError(KWSError, RuntimeError):
+    """A folder that another running process is writing (its lock file is held)."""

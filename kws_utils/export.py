@@ -25,11 +25,19 @@ def _default_example() -> torch.Tensor:
     return torch.zeros(1, *config.INPUT_SHAPE)
 
 
+MIN_OPSET, MAX_OPSET = 13, 20   # opsets the TorchScript exporter writes and onnxruntime reads
+
+
 def export_onnx(model: nn.Module, path: str | Path, example: torch.Tensor | None = None,
                 opset_version: int = 17) -> Path:
     """Export the float DS-CNN to ONNX (input 'input', output 'logits', dynamic batch), checked."""
     example = _default_example() if example is None else example
     check_input(example)
+    if isinstance(opset_version, bool) or not isinstance(opset_version, int) \
+            or not MIN_OPSET <= opset_version <= MAX_OPSET:
+        raise InputError(f"opset_version={opset_version!r}: give a whole number from {MIN_OPSET} "
+                         f"to {MAX_OPSET} (onnxruntime and the exporter both support those; "
+                         "the course uses 17).")
     path = Path(path)
     was_training = model.training
     model.eval()
@@ -84,6 +92,8 @@ def onnx_predict(path: str | Path, x: torch.Tensor | np.ndarray, batch_size: int
     name = session.get_inputs()[0].name
     if session.get_inputs()[0].shape[0] == 1:
         batch_size = 1   # a file exported with a fixed batch of one (TI's export by default)
+    if len(x_t) == 0:    # one row gives the output width; no rows of it are returned
+        return session.run(None, {name: np.zeros((1, *config.INPUT_SHAPE), np.float32)})[0][:0]
     batches = [session.run(None, {name: x_t[i:i + batch_size].numpy()})[0]
                for i in range(0, len(x_t), batch_size)]
     return np.concatenate(batches)

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from kws_utils import config, files, progress
-from kws_utils.errors import InputError, InputTypeError
+from kws_utils.errors import FileFormatError, InputError, InputTypeError
 
 LOWER_EDGE_HZ = 20.0      # mel filterbank range of the reference (TF's classic MFCC defaults)
 UPPER_EDGE_HZ = 4000.0
@@ -116,6 +116,14 @@ def as_batch(wave: Array, name: str = "wave") -> tuple[torch.Tensor, bool]:
     if tensor.is_complex() or tensor.dtype == torch.bool:
         raise InputTypeError(f"Expected {name} as an int16 or float waveform, got dtype "
                              f"{tensor.dtype}.")
+    if not tensor.is_floating_point() and tensor.dtype not in (torch.int16, torch.int32, torch.int64):
+        # uint8 WAV samples are centred on 128 and uint16 on 32768: read as int16 they are garbage
+        raise InputTypeError(f"{name} has dtype {tensor.dtype}: give int16 samples (as "
+                             "data.load_audio returns) or floats in [-1, 1]. Convert unsigned "
+                             "audio first, e.g. (wave.astype(np.int16) - 128) * 256 for 8-bit.")
+    if not tensor.is_floating_point() and tensor.numel() and int(tensor.abs().max()) > 32768:
+        raise InputError(f"{name} holds integer samples beyond the int16 range (peak "
+                         f"{int(tensor.abs().max())}): give int16 samples or floats in [-1, 1].")
     if tensor.ndim == 2 and tensor.shape[-1] < config.FRAME_LENGTH:
         # (16000, 1) or (16000, 2) is one clip laid out as (samples, channels), not 16000 clips.
         raise InputError(f"{name} has shape {tuple(tensor.shape)}: clips of {tensor.shape[-1]} "
@@ -203,6 +211,7 @@ def mfcc(wave: Array, dtype: torch.dtype = COMPUTE_DTYPE) -> torch.Tensor:
 def time_shift(clips: torch.Tensor, generator: torch.Generator,
                max_shift_samples: int = MAX_SHIFT_SAMPLES) -> torch.Tensor:
     """Shift each clip (N, T) by a random whole number of samples in [-max, max], zero-filled."""
+    _check_float_clips(clips)
     if (isinstance(max_shift_samples, bool) or not isinstance(max_shift_samples, (int, np.integer))
             or max_shift_samples < 0):
         raise InputError(f"max_shift_samples={max_shift_samples!r}: give a whole number of "
@@ -233,10 +242,19 @@ def noise_tensor(noise: Array) -> torch.Tensor:
     return tensor.to(torch.float32)
 
 
+def _check_float_clips(clips: torch.Tensor) -> None:
+    """Refuse clips that are not a float batch (N, T) in [-1, 1] (int16 would clamp to -1, 0, 1)."""
+    if not isinstance(clips, torch.Tensor) or not clips.is_floating_point() or clips.ndim != 2:
+        raise InputTypeError(f"clips must be a float tensor (N, T) in [-1, 1], got "
+                             f"{getattr(clips, 'dtype', type(clips).__name__)} of shape "
+                             f"{tuple(getattr(clips, 'shape', ()))}; pass features.normalize(waves).")
+
+
 def mix_background(clips: torch.Tensor, noise_bank: Sequence[Array], generator: torch.Generator,
                    prob: float = BACKGROUND_FREQUENCY,
                    max_volume: float = BACKGROUND_VOLUME) -> torch.Tensor:
     """Add a random 1 s noise segment at gain U[0, max_volume] to ``prob`` of clips; clip to +-1."""
+    _check_float_clips(clips)
     if not 0.0 <= float(prob) <= 1.0:
         raise InputError(f"prob={prob!r}: the share of clips given noise is a probability in "
                          f"[0, 1] (default {BACKGROUND_FREQUENCY}).")
@@ -304,11 +322,18 @@ def compute_features(waves: Array, batch_size: int = BATCH_SIZE,
     return out
 
 
-def cached(path: Path, build: Callable[[], torch.Tensor | dict]) -> torch.Tensor | dict:
-    """Load ``path`` if it exists, else build, save atomically (temp file + rename) and return."""
+def cached(path: Path, build: Callable[[], torch.Tensor | dict],
+           shape: tuple[int, ...] | None = None) -> torch.Tensor | dict:
+    """Load ``path`` if it exists (a tensor of ``shape`` if given), else build, save atomically."""
     path = Path(path)
     if path.is_file():
-        return files.load_torch(path, "feature cache")
+        value = files.load_torch(path, "feature cache")
+        if shape is not None and (not isinstance(value, torch.Tensor) or tuple(value.shape) != tuple(shape)):
+            found = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise FileFormatError(f"feature cache {path} holds {found}, expected a tensor of shape "
+                                  f"{tuple(shape)}: it is stale or from another dataset. Delete it "
+                                  "and run again to rebuild it.")
+        return value
     value = build()
     # atomic_path: a crash mid-write leaves the old state, never a truncated file at ``path``.
     with files.atomic_path(path) as tmp:

@@ -16,6 +16,10 @@ class DSCNN(nn.Module):
 
     def __init__(self, n_classes: int = len(config.LABELS), filters: int = 64) -> None:
         super().__init__()
+        for name, value in (("n_classes", n_classes), ("filters", filters)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InputError(f"{name}={value!r}: give a whole number >= 1 (the course's DS-CNN "
+                                 f"has n_classes={len(config.LABELS)}, filters=64).")
         self.conv1 = nn.Conv2d(1, filters, kernel_size=(10, 4), stride=(2, 2), padding=(5, 1))
         self.bn1 = nn.BatchNorm2d(filters)
         self.relu1 = nn.ReLU()
@@ -34,7 +38,7 @@ class DSCNN(nn.Module):
         self.fc6 = nn.Linear(filters, n_classes)
         # A pre-hook rather than a check in forward(): FX tracing for quantization calls forward()
         # directly, where a data-dependent shape test could not be traced.
-        self.register_forward_pre_hook(_check_call)
+        self.register_forward_pre_hook(_check_call, with_kwargs=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits (N, n_classes) for MFCC input (N, 1, 49, 10)."""
@@ -59,9 +63,12 @@ def check_input(x: torch.Tensor) -> None:
                          "Add the channel axis with x.unsqueeze(1) for (N, 49, 10) features.")
 
 
-def _check_call(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-    """Forward pre-hook: validate the model input before any layer runs."""
-    check_input(args[0])
+def _check_call(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Forward pre-hook: validate the model input (given as net(x) or net(x=x)) before any layer runs."""
+    if len(args) + len(kwargs) != 1 or (kwargs and "x" not in kwargs):
+        raise InputError(f"DS-CNN input: call the model with one input batch, net(x), x shaped "
+                         f"(N, 1, 49, 10); got {len(args)} positional and keywords {sorted(kwargs)}.")
+    check_input(args[0] if args else kwargs["x"])
 
 
 def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
@@ -70,7 +77,7 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
     if not path.is_file():
         raise MissingFileError(f"checkpoint {path} not found: train the model in notebook 03 "
                                "or point to the MLPerf reference weights.")
-    state = files.load_torch(path, "checkpoint")
+    state = _state_dict_of(files.load_torch(path, "checkpoint"))
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in
                                               state.get("model", state).values()):
         raise FileFormatError(f"checkpoint {path} holds no state dict of tensors: save one with "
@@ -82,6 +89,11 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
     if missing or extra:
         raise KeyError(f"checkpoint {path} does not fit {type(model).__name__}: "
                        f"missing keys {missing or 'none'}; unexpected keys {extra or 'none'}.")
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise FileFormatError(f"checkpoint {path} holds NaN or infinite values in {bad[:3]}: the "
+                              "training that saved it diverged. Train again (a smaller learning "
+                              "rate) or load another checkpoint.")
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
@@ -89,6 +101,18 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
                               f"shapes differ: {str(err).splitlines()[-1].strip()}). Load it into "
                               "the model it was saved from.") from None
     return model
+
+
+def _state_dict_of(obj: object) -> object:
+    """The state dict inside common checkpoint layouts: {'model'|'state_dict': ...}, 'module.' keys."""
+    if isinstance(obj, dict):
+        for key in ("model", "state_dict"):
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if isinstance(obj, dict) and obj and all(isinstance(k, str) and k.startswith("module.") for k in obj):
+        obj = {k[len("module."):]: v for k, v in obj.items()}   # saved from nn.DataParallel
+    return obj
 
 
 def reference_model(path: str | Path | None = None) -> DSCNN:

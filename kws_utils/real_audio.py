@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kws_utils import config, data, features, holdout
+from kws_utils import config, data, features, holdout, training
 from kws_utils.errors import InputError
 
 POOL_DIR = "real_calibration_pool"
@@ -72,27 +72,14 @@ def available() -> bool:
         _valid_test_dir(d, m) for d, m in ((config.real_test_dir(), True), (shared_dir() / TEST_DIR, False)))
 
 
-def _file_key(paths: list[Path]) -> str:
-    """A short hash of file names, sizes and modification times: the cache changes with the files."""
-    digest = hashlib.sha256()
-    for path in paths:
-        stat = path.stat()
-        digest.update(f"{path}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
-    return digest.hexdigest()[:12]
-
-
 def _features_of(clips: list[data.Clip], name: str) -> torch.Tensor:
     """MFCC of real clips, cached under the feature cache and keyed by the files and MFCC settings."""
-    settings = json.dumps({"version": 1, "mfcc": [config.SAMPLE_RATE, config.FRAME_LENGTH,
-                                                  config.FRAME_STEP, config.N_MELS, config.N_MFCC]})
-    key = _file_key([Path(c.path) for c in clips]) + hashlib.sha256(settings.encode()).hexdigest()[:6]
+    settings = json.dumps([training.FEATURE_VERSION, config.SAMPLE_RATE, config.FRAME_LENGTH,
+                           config.FRAME_STEP, config.N_MELS, config.N_MFCC])
+    key = hashlib.sha256((training.clips_fingerprint({name: clips}) + settings).encode()).hexdigest()[:12]
     path = config.data_root() / "feature_cache" / f"real_{name}_{key}.pt"
-    x = features.cached(path, lambda: features.compute_features(
-        data.load_clips(clips, desc=f"load {name}"), desc=f"MFCC {name}"))
-    if tuple(x.shape) != (len(clips), *config.INPUT_SHAPE):
-        raise data.DatasetError(f"feature cache {path} holds shape {tuple(x.shape)}, not "
-                                f"{(len(clips), *config.INPUT_SHAPE)}: delete it and run again.")
-    return x
+    return features.cached(path, lambda: features.compute_features(
+        data.load_clips(clips, desc=f"load {name}"), desc=f"MFCC {name}"), (len(clips), *config.INPUT_SHAPE))
 
 
 def test_set(download: bool = True) -> tuple[torch.Tensor, torch.Tensor] | None:

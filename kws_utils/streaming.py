@@ -35,6 +35,8 @@ MATCH_TOLERANCE_S = 1.0   # a decision may come up to this long after its clip e
 # ----------------------------------------------------------------------------- checks
 def hop_frames(hop_ms: int) -> int:
     """Number of 20 ms frames per hop; rejects hops that are not a positive multiple of 20 ms."""
+    if isinstance(hop_ms, (float, np.floating)) and float(hop_ms).is_integer():
+        hop_ms = int(hop_ms)     # 100.0 means 100
     if not isinstance(hop_ms, (int, np.integer)) or hop_ms <= 0 or hop_ms % FRAME_MS:
         raise InputError(f"hop_ms={hop_ms!r}: the hop must be a positive whole multiple of the "
                          f"{FRAME_MS} ms frame step (e.g. 20, 40, 100), so that each window reuses "
@@ -62,9 +64,13 @@ def _check_ms(name: str, value: object, least: float = 0.0) -> float:
 def prepare_recording(audio: np.ndarray, sample_rate: int = config.SAMPLE_RATE) -> np.ndarray:
     """A 1-D recording as float64 at 16 kHz (resampled with a message); at least 1 s long."""
     audio = np.asarray(audio)
+    if audio.ndim == 2 and 1 in audio.shape:
+        audio = audio.reshape(-1)    # (1, T) or (T, 1): one channel
     if audio.ndim != 1:
+        fix = "audio.mean(axis=1)" if audio.ndim == 2 and audio.shape[0] > audio.shape[1] else (
+            "audio.mean(axis=0) (or audio[0] for the first channel)")
         raise InputError(f"expected audio as a mono recording of shape (T,), got shape "
-                         f"{audio.shape}; for (samples, channels) pass audio.mean(axis=1).")
+                         f"{audio.shape}; mix the channels down first: {fix}.")
     if not (np.issubdtype(audio.dtype, np.floating) or np.issubdtype(audio.dtype, np.integer)):
         raise InputTypeError(f"audio must hold int or float samples, got dtype {audio.dtype}.")
     if not np.isfinite(audio).all():
@@ -186,6 +192,11 @@ def run_stream(onnx_path: str, audio: np.ndarray, sample_rate: int = config.SAMP
     _check_ms("smooth_ms", smooth_ms)
     audio = prepare_recording(audio, sample_rate)
     session = onnx_session(onnx_path)
+    width = session.get_outputs()[0].shape[-1]
+    if width != len(config.LABELS):
+        raise InputError(f"{onnx_path}: the model has {width} outputs, not the "
+                         f"{len(config.LABELS)} classes of config.LABELS, so its scores cannot be "
+                         "read as keywords. Export the course's 12-class DS-CNN.")
     n = window_count(audio.size, hop)
     windows = stream_features(audio, hop_ms, incremental)
     threads = torch.get_num_threads()

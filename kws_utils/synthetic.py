@@ -17,6 +17,7 @@ import ctypes
 import hashlib
 import json
 import multiprocessing as mp
+import os
 import re
 import shutil
 import signal
@@ -542,6 +543,7 @@ def check_replaceable(target: Path) -> None:
 def finish_folder(partial: Path, target: Path, marker: dict) -> None:
     """Write the marker last and move the finished folder into place (replacing an old one of ours)."""
     marker["files"] = sum(1 for _ in partial.rglob("*.wav"))
+    os.chmod(partial, 0o777 & ~files._umask())   # mkdtemp makes 0700: readable by others too
     files.write_text(partial / config.COMPLETE_MARKER, json.dumps(marker, indent=1) + "\n")
     check_replaceable(target)
     if target.exists():
@@ -589,6 +591,19 @@ def generate_dataset(target: Path, speakers: int, seed: int = config.SEED,
                      workers: int = WORKERS) -> Path:
     """Write a Speech Commands v2 style folder of synthetic speech to ``target``."""
     target = Path(target)
+    _check_positive("speakers", speakers)
+    with files.folder_lock(target):
+        return _generate_dataset(target, speakers, seed, workers)
+
+
+def _check_positive(name: str, value: object) -> None:
+    """A whole-number count of at least 1, or a clear error naming it."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise InputError(f"{name}={value!r}: give a whole number >= 1.")
+
+
+def _generate_dataset(target: Path, speakers: int, seed: int, workers: int) -> Path:
+    """generate_dataset() while holding the target's lock file."""
     check_replaceable(target)
     partial = fresh_partial(target)
     try:
@@ -608,6 +623,14 @@ def generate_test_set(target: Path, speakers: int, per_class: int, seed: int = c
                       workers: int = WORKERS) -> Path:
     """Write a balanced test folder like ``speech_commands_test_set_v0.02`` to ``target``."""
     target = Path(target)
+    _check_positive("speakers", speakers)
+    _check_positive("per_class", per_class)
+    with files.folder_lock(target):
+        return _generate_test_set(target, speakers, per_class, seed, workers)
+
+
+def _generate_test_set(target: Path, speakers: int, per_class: int, seed: int, workers: int) -> Path:
+    """generate_test_set() while holding the target's lock file."""
     check_replaceable(target)
     partial = fresh_partial(target)
     try:
@@ -624,6 +647,8 @@ def ensure_synthetic(train_dir: Path, test_dir: Path, speakers: int, per_class: 
                      seed: int = config.SEED, workers: int = WORKERS) -> tuple[Path, Path]:
     """Generate whichever of the two folders is missing, incomplete or made with other settings."""
     train_dir, test_dir = Path(train_dir), Path(test_dir)
+    for folder in (train_dir, test_dir):
+        files.wait_unlocked(folder)     # another run generating the same data: use its result
     if not is_complete(train_dir, train_params(speakers, seed)):
         if train_dir.exists():
             print(f"{train_dir} is incomplete or was made with other settings: regenerating.")

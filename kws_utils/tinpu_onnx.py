@@ -311,6 +311,10 @@ def load_integer_onnx(path: str | Path, weight_bits: int | dict[str, int] | None
         raise FileNotFoundError(f"{path} not found: export the integer model first.")
     from kws_utils.export import load_onnx   # here: this module stays free of torch imports
     proto = load_onnx(path)                  # a clear error for a truncated or non-ONNX file
+    if any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in proto.graph.node):
+        raise _fail(path, "is a QDQ (fake-quant: QuantizeLinear/DequantizeLinear) ONNX file, not "
+                          "the TINPU integer form this reader needs. Export it again with the "
+                          "default model_qconfig_format (TINPU_INT_MODEL).")
     consts = _constants(proto)
     nodes = _chain(proto, consts, path)
     starts = [i for i, n in enumerate(nodes) if n.op_type in _OPS]

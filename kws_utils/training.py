@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import random
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -15,13 +16,16 @@ import torch
 from torch import nn
 from torch.utils.data import Sampler
 
-from kws_utils import config, data, features, files, holdout, mlperf, progress
+from kws_utils import config, data, features, files, holdout, mlperf, progress, synthetic
 from kws_utils.errors import InputError, InputTypeError, TrainingDiverged
 from kws_utils.model import DSCNN, load_checkpoint
 
 
 def set_seed(seed: int = config.SEED) -> torch.Generator:
     """Seed Python, NumPy and torch; return a torch.Generator for data order."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
+        raise InputError(f"seed={seed!r}: give a whole number from 0 to 2**32 - 1 (the course uses "
+                         f"{config.SEED}).")
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -235,10 +239,23 @@ def _check_fit_args(train_views: list[torch.Tensor], train_y: torch.Tensor, epoc
     if isinstance(train_views, torch.Tensor) or len(train_views) == 0:
         raise InputTypeError("train_views must be a non-empty list of feature tensors "
                              "(N, 1, 49, 10), one per cached augmentation.")
+    _check_labels("train_y", train_y)
     for view in train_views:
         if len(view) != len(train_y):
             raise InputError(f"a training view holds {len(view)} inputs but train_y {len(train_y)} "
                              "labels: they must pair one to one.")
+
+
+def _check_labels(name: str, y: object) -> None:
+    """Refuse labels that are not a 1-D integer tensor of class indices 0..11, naming them."""
+    n = len(config.LABELS)
+    if not isinstance(y, torch.Tensor) or y.dtype.is_floating_point or y.dtype == torch.bool \
+            or y.ndim != 1 or (len(y) and not 0 <= int(y.min()) <= int(y.max()) < n):
+        detail = (f"dtype {y.dtype}, shape {tuple(y.shape)}, values {int(y.min())}..{int(y.max())}"
+                  if isinstance(y, torch.Tensor) and len(y) and not y.dtype.is_floating_point
+                  else f"{getattr(y, 'dtype', type(y).__name__)}")
+        raise InputError(f"{name} must be a 1-D tensor of class indices 0..{n - 1} (torch.long), "
+                         f"got {detail}. Use the labels of data.splits (y.long()).")
 
 
 def fit(model: nn.Module, train_views: list[torch.Tensor], train_y: torch.Tensor,
@@ -255,6 +272,7 @@ def fit(model: nn.Module, train_views: list[torch.Tensor], train_y: torch.Tensor
     per_batch = prof.per_batch_schedule if per_batch_schedule is None else per_batch_schedule
     loss_fn = loss_fn or nn.CrossEntropyLoss()
     _check_fit_args(train_views, train_y, epochs, lr, batch_size)
+    _check_labels("val_y", val_y)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     steps = (len(train_y) + batch_size - 1) // batch_size
@@ -332,7 +350,18 @@ def feature_settings(info: "data.DatasetInfo", splits: dict[str, list]) -> dict[
         "background_frequency": features.BACKGROUND_FREQUENCY,
         "background_volume": features.BACKGROUND_VOLUME,
         "max_shift_samples": features.MAX_SHIFT_SAMPLES,
+        "content": clips_fingerprint(splits),
+        "markers": [synthetic.read_marker(Path(d)) for d in (info.train_dir, info.test_dir)],
     }
+
+
+def clips_fingerprint(splits: dict[str, list]) -> str:
+    """A hash of every clip file's path, size and modification time (re-recorded clips change it)."""
+    digest = hashlib.sha256()
+    for path in sorted({clip.path for clips in splits.values() for clip in clips}):
+        stat = os.stat(path)
+        digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
 
 
 def feature_cache_dir(info: "data.DatasetInfo", splits: dict[str, list]) -> Path:
@@ -367,14 +396,17 @@ def prepare_features(info: "data.DatasetInfo", views: int | None = None) -> Feat
         return features.compute_features(train_waves[0], augment=(data.noise_bank(info), generator),
                                           desc=f"MFCC train view {view + 1}/{views}")
 
-    test_x = features.cached(folder / "test.pt", lambda: clean("test"))
+    test_x = features.cached(folder / "test.pt", lambda: clean("test"),
+                             (len(labels["test"]), *config.INPUT_SHAPE))
     holdout.register_test_inputs(test_x, f"{info.kind} test split")
     return FeatureSets(
         source=info.kind,
-        train_views=[features.cached(folder / f"train_view{v}.pt", lambda v=v: augmented(v))
+        train_views=[features.cached(folder / f"train_view{v}.pt", lambda v=v: augmented(v),
+                                     (len(labels["train"]), *config.INPUT_SHAPE))
                      for v in range(views)],
         train_y=labels["train"],
-        val_x=features.cached(folder / "validation.pt", lambda: clean("validation")),
+        val_x=features.cached(folder / "validation.pt", lambda: clean("validation"),
+                              (len(labels["validation"]), *config.INPUT_SHAPE)),
         val_y=labels["validation"],
         test_x=test_x,
         test_y=labels["test"],

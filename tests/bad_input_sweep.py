@@ -16,9 +16,12 @@ counts per category (and the cases outside "handled"):
 
     PYTHONPATH=. KWS_PROFILE=ci OMP_NUM_THREADS=1 python tests/bad_input_sweep.py
 
-Only the API that existed before the error-handling work is called, so the same table also
-measures older versions of the package. Cases tagged ``after_merge`` cover findings fixed on
-other branches (quant wrappers, the integer ONNX reader).
+The first cases call only the API that existed before the error-handling work, so the table
+also measures older versions of the package. Cases tagged ``after_merge`` cover findings fixed on
+other branches (quant wrappers, the integer ONNX reader). Round two (ids ``r2/...``, issue 19)
+adds silent wrong results, stale caches, raw tracebacks, unclear errors and runs that collide or
+die; a few of its cases use arguments added by that round (``features.cached(shape=...)``).
+Set ``KWS_SWEEP_ONLY=r2/`` to run only the cases whose id starts with that prefix.
 """
 from __future__ import annotations
 
@@ -688,7 +691,7 @@ def cases() -> list[Case]:
     add(Case("quant/qconfig_bits=3", lambda c: __import__("kws_utils.quant").quant.qconfig_for(3), ("bit",)))
 
     # ---------------------------------------------------------------- streaming
-    for hop in (0, -20, 30, 20.0, "100", None):
+    for hop in (0, -20, 30, 20.5, "100", None):
         add(Case(f"hop_frames/{hop!r}", lambda c, h=hop: streaming.hop_frames(h), ("hop_ms",)))
     for t in (-0.1, 1.1, math.nan, math.inf, "0.5", None):
         add(Case(f"check_threshold/{t!r}", lambda c, v=t: streaming.check_threshold(v), ("threshold",)))
@@ -752,6 +755,7 @@ def cases() -> list[Case]:
     add(env_case("KWS_SEED", " 7 ", expect_seed="7"))
     for var in ("KWS_PROFILE", "KWS_DATASET", "KWS_QUANT_BACKEND"):
         add(env_case(var, "bogus"))
+    out += round_two(clip, net)
     return out
 
 
@@ -775,7 +779,8 @@ def classify_all(root: Path | None = None) -> list[tuple[Case, str, str]]:
     with tempfile.TemporaryDirectory() as tmp:
         ctx = Ctx(Path(root or tmp))
         results = []
-        for case in cases():
+        only = os.environ.get("KWS_SWEEP_ONLY", "")
+        for case in (c for c in cases() if c.id.startswith(only)):
             if os.environ.get("KWS_SWEEP_VERBOSE"):
                 print(case.id, file=sys.stderr, flush=True)
             category, detail = run_case(case, ctx)
@@ -802,6 +807,362 @@ def main() -> None:
     pending = [c for c, cat, _ in results if cat != "handled" and c.after_merge]
     print(f"  (of the cases not handled, {len(pending)} are fixed on other branches: "
           f"{', '.join(sorted({c.after_merge for c in pending})) or 'none'})")
+
+
+
+# ============================================================================== round two
+def _fake_train_dir(ctx: Ctx, words: tuple[str, ...] | None = None, lists: bool = True,
+                    noise_s: float = 2.0) -> data.DatasetInfo:
+    """A tiny Speech Commands style folder (one clip per word) and an empty-test DatasetInfo."""
+    root = ctx.tmp / "train"
+    for word in (config.ALL_WORDS if words is None else words):
+        (root / word).mkdir(parents=True)
+        sf.write(root / word / "a_nohash_0.wav", sine(16000, 0.3), 16000, subtype="PCM_16")
+    (root / config.BACKGROUND_NOISE_DIR).mkdir(parents=True, exist_ok=True)
+    sf.write(root / config.BACKGROUND_NOISE_DIR / "hum.wav", sine(int(noise_s * 16000), 0.1), 16000)
+    if lists:
+        (root / "validation_list.txt").write_text("yes/a_nohash_0.wav\n")
+        (root / "testing_list.txt").write_text("no/a_nohash_0.wav\n")
+    test = ctx.tmp / "test"
+    for name in data.TEST_FOLDERS:
+        (test / name).mkdir(parents=True, exist_ok=True)
+        sf.write(test / name / "t.wav", sine(16000, 0.3), 16000, subtype="PCM_16")
+    return data.DatasetInfo("synthetic", root, test, "fake")
+
+
+def _cache_key_changes(ctx: Ctx, change: Callable[[data.DatasetInfo], None]) -> bool:
+    """True if the feature cache folder differs after ``change`` (same names and counts)."""
+    info = _fake_train_dir(ctx)
+    (info.train_dir / config.COMPLETE_MARKER).write_text('{"kind": "synthetic", "files": 1}')
+    before = training.feature_cache_dir(info, data.splits(info))
+    change(info)
+    return before != training.feature_cache_dir(info, data.splits(info))
+
+
+def _rerecord(info: data.DatasetInfo) -> None:
+    """Re-record one clip under the same name (other content, other size)."""
+    path = info.train_dir / "yes" / "a_nohash_0.wav"
+    sf.write(path, sine(12000, 0.6), 16000, subtype="PCM_24")
+
+
+def _dead_pid() -> int:
+    """The pid of a process that has exited."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def _file_url(ctx: Ctx, content: bytes = b"dataset bytes") -> tuple[str, str]:
+    """A file:// URL of a small source file and its SHA-256."""
+    import hashlib
+    src = write_file(ctx.tmp / "src.bin", content)
+    return src.resolve().as_uri(), hashlib.sha256(content).hexdigest()
+
+
+def _ten_class_onnx(ctx: Ctx) -> Path:
+    """A float ONNX model with 10 outputs instead of 12."""
+    torch.manual_seed(0)
+    return ctx.get("onnx10", lambda: export.export_onnx(model.DSCNN(n_classes=10), ctx.root / "ten.onnx"))
+
+
+def _state_with(edit: Callable[[dict], Any]) -> Callable[[Ctx], Path]:
+    """A checkpoint file holding ``edit(state_dict)`` of the seeded DS-CNN."""
+    def make(ctx: Ctx) -> Path:
+        path = ctx.tmp / "model.pth"
+        torch.save(edit(tiny_model().state_dict()), path)
+        return path
+    return make
+
+
+def _nan_state(state: dict) -> dict:
+    """A state dict whose first weight is all NaN."""
+    state["conv1.weight"] = torch.full_like(state["conv1.weight"], math.nan)
+    return state
+
+
+def _same_weights(ctx: Ctx) -> Callable[[Any, Ctx], bool]:
+    """Result check: the loaded model holds the seeded DS-CNN's weights."""
+    return lambda r, _c: all(torch.equal(a, b) for a, b in zip(r.state_dict().values(),
+                                                                 tiny_model().state_dict().values()))
+
+
+def _atomic_fails(ctx: Ctx, err: OSError) -> Any:
+    """A write through atomic_path that fails with ``err`` (a full disk, a too large file)."""
+    from kws_utils import files
+    with files.atomic_path(ctx.tmp / "out.bin") as tmp:
+        tmp.write_bytes(b"half")
+        raise err
+
+
+def _with_env(var: str, value: str, call: Callable[[], Any]) -> Any:
+    """Call with one environment variable set, restored afterwards."""
+    old = os.environ.get(var)
+    os.environ[var] = value
+    try:
+        return call()
+    finally:
+        if old is None:
+            os.environ.pop(var, None)
+        else:
+            os.environ[var] = old
+
+
+def _lock(ctx: Ctx, pid: int) -> None:
+    """A lock file of ``pid`` on the folder 'target'."""
+    (ctx.tmp / "target.lock").write_text(f"{pid}\n")
+
+
+def _kws01_bom(ctx: Ctx) -> Path:
+    """A kws01 folder whose y_labels.csv starts with a UTF-8 byte order mark."""
+    folder = kws01_folder(ctx, ["a.bin,12,3"])
+    (folder / "y_labels.csv").write_bytes(b"\xef\xbb\xbf" + (folder / "y_labels.csv").read_bytes())
+    return folder
+
+
+def _upper_wav_test_set(ctx: Ctx) -> Path:
+    """A balanced test folder whose clips end in upper-case .WAV."""
+    folder = ctx.tmp / "test"
+    for name in data.TEST_FOLDERS:
+        (folder / name).mkdir(parents=True)
+        sf.write(folder / name / "clip.WAV", sine(16000, 0.3), 16000, subtype="PCM_16")
+    data.validate_test_dir(folder, require_marker=False)
+    return folder
+
+
+def round_two(clip: np.ndarray, net: torch.nn.Module) -> list[Case]:
+    """The second sweep: silent results, stale caches, raw tracebacks, unclear errors, collisions."""
+    from kws_utils import deploy, files, quant
+    out: list[Case] = []
+    add = out.append
+    x8, y8 = torch.randn(8, 1, 49, 10), torch.arange(8) % 12
+
+    # ---------------------------------------------------------------- silent wrong results
+    for dtype in (np.uint8, np.uint16, np.int8, np.uint32):
+        add(Case(f"r2/mfcc/{np.dtype(dtype).name}", lambda c, d=dtype: features.mfcc(np.full(16000, 7, d)),
+                 ("wave",)))
+    add(Case("r2/compute_features/uint8", lambda c: features.compute_features(np.zeros((2, 16000), np.uint8)),
+             ("waves",)))
+    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    add(Case("r2/mix_background/int16_clips",
+             lambda c: features.mix_background(torch.as_tensor(np.stack([clip] * 2)), [np.zeros(20000, np.float32)],
+                                               gen()), ("clips",)))
+    add(Case("r2/time_shift/int16_clips",
+             lambda c: features.time_shift(torch.as_tensor(np.stack([clip] * 2)), gen()), ("clips",)))
+    add(Case("r2/silence_clips/short_noise", lambda c: data.silence_clips(_fake_train_dir(c, (), noise_s=0.5).train_dir),
+             ("hum.wav",)))
+    add(Case("r2/validate_train_dir/short_noise",
+             lambda c: data.validate_train_dir(_fake_train_dir(c, noise_s=0.5).train_dir, require_marker=False),
+             ("hum.wav",)))
+    for label in (12, -1):
+        add(Case(f"r2/class_counts/label={label}", lambda c, v=label: data.class_counts([data.Clip("x.wav", v)]),
+                 ("label",)))
+        add(Case(f"r2/weighted_sampler/label={label}",
+                 lambda c, v=label: data.weighted_sampler([data.Clip("x.wav", v)]), ("label",)))
+    add(Case("r2/load_kws01/same_file_two_labels",
+             lambda c: data.load_kws01(kws01_folder(c, ["a.bin,12,3", "a.bin,12,4"])), ("a.bin",)))
+    add(Case("r2/load_checkpoint/nan", lambda c: model.load_checkpoint(tiny_model(), _state_with(_nan_state)(c)),
+             ("model.pth",)))
+    for name, kwargs in (("n_classes=0", {"n_classes": 0}), ("n_classes=-3", {"n_classes": -3}),
+                         ("n_classes='12'", {"n_classes": "12"}), ("filters=0", {"filters": 0}),
+                         ("filters=2.5", {"filters": 2.5})):
+        add(Case(f"r2/DSCNN/{name}", lambda c, k=kwargs: model.DSCNN(**k), (name.split("=")[0],)))
+    add(Case("r2/qconfig_for/power2_scale='no'", lambda c: quant.qconfig_for(8, "no"), ("power2_scale",)))
+
+    def qt_with(**weight: Any) -> dict:
+        qt = quant.qconfig_for(8)
+        qt["weight"].update(weight)
+        return qt
+    for name, kw in (("quant_min=-7.5", {"quant_min": -7.5, "quant_max": 7}),
+                     ("quant_max='7'", {"quant_min": -7, "quant_max": "7"})):
+        add(Case(f"r2/normalize_qconfig_type/{name}",
+                 lambda c, k=kw: quant.normalize_qconfig_type(qt_with(**k)), (name.split("=")[0],)))
+    for epochs in (True, 0, 2.5):
+        add(Case(f"r2/QATFxModule/total_epochs={epochs!r}", lambda c, e=epochs: quant.TINPUTinyMLQATFxModule(
+            tiny_model(), e, quant.qconfig_for(8), example_inputs=torch.zeros(1, *config.INPUT_SHAPE)),
+            ("total_epochs",)))
+    add(Case("r2/integer_model/nan_input",
+             lambda c: ptq_wrapper(c).convert()(torch.full((2, *config.INPUT_SHAPE), math.nan)), ("nan",)))
+    add(Case("r2/pack/out_of_range", lambda c: deploy.pack(np.array([9, 0]), 4), ("values",)))
+    add(Case("r2/pack/floats", lambda c: deploy.pack(np.array([1.5, 0.0]), 4), ("values",)))
+    add(Case("r2/pack/int8_overflow", lambda c: deploy.pack(np.array([200]), 8), ("values",)))
+    add(Case("r2/unpack/count_too_big", lambda c: deploy.unpack(np.zeros(2, np.uint8), 4, 9), ("count",)))
+    add(Case("r2/unpack/count_negative", lambda c: deploy.unpack(np.zeros(2, np.uint8), 4, -1), ("count",)))
+    add(Case("r2/pack/round_trip", lambda c: deploy.unpack(deploy.pack(np.array([-2, 1, 0, -1, 1]), 2), 2, 5),
+             check=lambda r, _c: r.tolist() == [-2, 1, 0, -1, 1]))
+    for name, kwargs in (("runs=0", {"runs": 0}), ("runs=-5", {"runs": -5}), ("warmup=-1", {"warmup": -1}),
+                         ("runs=2.5", {"runs": 2.5})):
+        add(Case(f"r2/latency_ms/{name}", lambda c, k=kwargs: deploy.latency_ms(float_onnx(c), **k),
+                 (name.split("=")[0],)))
+    for guard in ("1BAD", "kws model.h", ""):
+        add(Case(f"r2/header_text/guard={guard!r}", lambda c, g=guard: deploy.header_text(int_onnx(c), g),
+                 ("guard",)))
+    add(Case("r2/run_stream/ten_classes", lambda c: streaming.run_stream(
+        str(_ten_class_onnx(c)), np.zeros(20000, np.float32), progress=False), ("ten.onnx",)))
+    add(Case("r2/onnx_predict/ten_classes", lambda c: export.onnx_predict(_ten_class_onnx(c), x8),
+             check=lambda r, _c: r.shape == (8, 10)))
+    for opset in (99, 5, "17"):
+        add(Case(f"r2/export_onnx/opset={opset!r}",
+                 lambda c, o=opset: export.export_onnx(net, c.tmp / "m.onnx", opset_version=o), ("opset_version",)))
+    add(Case("r2/data_root/empty", lambda c: _with_env("KWS_DATA_ROOT", "", config.data_root), ("KWS_DATA_ROOT",)))
+    add(Case("r2/data_root/relative", lambda c: _with_env("KWS_DATA_ROOT", "some/data", config.data_root),
+             check=lambda r, _c: r.is_absolute()))
+    for name, (speakers, per_class) in (("per_class=0", (3, 0)), ("per_class=-1", (3, -1)),
+                                        ("speakers=0", (0, 1)), ("per_class=1.5", (3, 1.5))):
+        add(Case(f"r2/generate_test_set/{name}", lambda c, s=speakers, p=per_class: synthetic.generate_test_set(
+            c.tmp / "t", s, p, workers=1), (name.split("=")[0],),
+            files_ok=lambda c: not (c.tmp / "t").exists()))
+    add(Case("r2/generate_dataset/speakers=0", lambda c: synthetic.generate_dataset(c.tmp / "t", 0, workers=1),
+             ("speakers",), files_ok=lambda c: not (c.tmp / "t").exists()))
+
+    # ---------------------------------------------------------------- stale caches
+    add(Case("r2/feature_cache/rerecorded_clip", lambda c: _cache_key_changes(c, _rerecord),
+             check=lambda r, _c: r is True))
+    add(Case("r2/feature_cache/new_marker", lambda c: _cache_key_changes(
+        c, lambda i: (i.train_dir / config.COMPLETE_MARKER).write_text('{"kind": "synthetic", "files": 2}')),
+        check=lambda r, _c: r is True))
+    add(Case("r2/feature_cache/same_content", lambda c: _cache_key_changes(c, lambda i: None),
+             check=lambda r, _c: r is False))
+
+    def wrong_shape(c: Ctx) -> Any:
+        torch.save(torch.zeros(5, 1, 49, 10), c.tmp / "cache.pt")
+        return features.cached(c.tmp / "cache.pt", lambda: torch.zeros(3, 1, 49, 10), shape=(3, 1, 49, 10))
+    add(Case("r2/cached/wrong_shape", wrong_shape, ("cache.pt",)))
+
+    def wrong_type(c: Ctx) -> Any:
+        torch.save({"a": torch.zeros(3)}, c.tmp / "cache.pt")
+        return features.cached(c.tmp / "cache.pt", lambda: torch.zeros(3), shape=(3,))
+    add(Case("r2/cached/wrong_type", wrong_type, ("cache.pt",)))
+    add(Case("r2/cached/right_shape", lambda c: (features.cached(c.tmp / "v.pt", lambda: torch.ones(3), shape=(3,)),
+                                                 features.cached(c.tmp / "v.pt", lambda: torch.zeros(3), shape=(3,)))[1],
+             check=lambda r, _c: torch.equal(r, torch.ones(3))))
+
+    # ---------------------------------------------------------------- raw tracebacks
+    add(Case("r2/splits/half_extracted", lambda c: data.splits(_fake_train_dir(c, ("yes", "no"))), ("train",)))
+    add(Case("r2/splits/no_validation_list", lambda c: data.splits(_fake_train_dir(c, lists=False)),
+             ("validation_list.txt",)))
+
+    def latin1_list(c: Ctx) -> Any:
+        info = _fake_train_dir(c)
+        (info.train_dir / "validation_list.txt").write_bytes("yes/caf\xe9.wav\n".encode("latin-1"))
+        return data.splits(info)
+    add(Case("r2/splits/non_utf8_list", latin1_list, ("validation_list.txt",)))
+    add(Case("r2/weighted_sampler/empty", lambda c: data.weighted_sampler([]), ("clips",)))
+    add(Case("r2/class_weights/two_d", lambda c: data.class_weights(np.ones((2, 12))), ("counts",)))
+
+    def fit(c: Ctx, y: Any) -> Any:
+        torch.manual_seed(0)
+        return training.fit(model.DSCNN(), [x8], y, x8, y8, 1, 0.05, 4, torch.Generator().manual_seed(0),
+                            channels_last=False)
+    for name, y in (("label_12", torch.full((8,), 12)), ("label_-1", torch.full((8,), -1)),
+                    ("float_labels", y8.float())):
+        add(Case(f"r2/fit/train_y_{name}", lambda c, v=y: fit(c, v), ("train_y",)))
+    add(Case("r2/fit/val_y_label_12", lambda c: training.fit(
+        model.DSCNN(), [x8], y8, x8, torch.full((8,), 12), 1, 0.05, 4, torch.Generator().manual_seed(0),
+        channels_last=False), ("val_y",)))
+    for seed in (-1, 1.5, "7", 2**64):
+        add(Case(f"r2/set_seed/{seed!r}", lambda c, s=seed: training.set_seed(s), ("seed",)))
+    add(Case("r2/download/not_a_url", lambda c: data.download("not a url", c.tmp / "d.bin", "0" * 64), ("url",)))
+    add(Case("r2/download/bad_sha256", lambda c: data.download(_file_url(c)[0], c.tmp / "d.bin", "xyz"),
+             ("sha256",)))
+
+    def blocker(c: Ctx) -> Path:
+        return write_file(c.tmp / "blocker", b"a file, not a folder")
+    for name, call in (("save_checkpoint", lambda c: training.save_checkpoint(net, blocker(c) / "m.pth")),
+                       ("export_onnx", lambda c: export.export_onnx(net, blocker(c) / "m.onnx")),
+                       ("write_header", lambda c: deploy.write_header(int_onnx(c), blocker(c) / "m.h")),
+                       ("cached", lambda c: features.cached(blocker(c) / "v.pt", lambda: torch.ones(3))),
+                       ("write_text", lambda c: files.write_text(blocker(c) / "sub" / "a.txt", "x"))):
+        add(Case(f"r2/{name}/inside_a_file", call, ("blocker",),
+                 files_ok=unchanged(lambda c: c.tmp / "blocker", b"a file, not a folder")))
+    import errno
+    add(Case("r2/atomic_path/disk_full", lambda c: _atomic_fails(c, OSError(errno.ENOSPC, "No space left on device")),
+             ("out.bin",)))
+    def unwritable(c: Ctx) -> Any:
+        def refuse(*_a: Any, dir: Any = None, **_k: Any) -> Any:   # noqa: A002 - mkstemp's name
+            raise PermissionError(errno.EACCES, "Permission denied", str(Path(dir) / ".kws-tmp-x"))
+        real, tempfile.mkstemp = tempfile.mkstemp, refuse    # as root, chmod would not stop a write
+        try:
+            return files.write_text(c.tmp / "report.txt", "x")
+        finally:
+            tempfile.mkstemp = real
+    add(Case("r2/atomic_path/unwritable_folder", unwritable, ("report.txt",)))
+    add(Case("r2/atomic_path/too_large", lambda c: _atomic_fails(c, OSError(errno.EFBIG, "File too large")),
+             ("out.bin",)))
+    for name, content in (("binary", bytes(range(256)) * 4), ("empty", b""), ("text", b"hello\n")):
+        add(Case(f"r2/read_header/{name}", lambda c, b=content: deploy.read_header(write_file(c.tmp / "k.h", b)),
+                 ("k.h",)))
+    add(Case("r2/read_header/missing", lambda c: deploy.read_header(c.tmp / "none.h"), ("none.h",)))
+    for bs in (0, -1, 2.5):
+        add(Case(f"r2/ptq/batch_size={bs!r}", lambda c, b=bs: quant.ptq(tiny_model(), 8, x8, batch_size=b),
+                 ("batch_size",)))
+    add(Case("r2/ptq/empty_calibration", lambda c: quant.ptq(tiny_model(), 8, x8[:0]), ("calib_x",)))
+    add(Case("r2/IntegerModel/no_layers", lambda c: quant.IntegerModel((0.1, -128, 127), [], config.INPUT_SHAPE),
+             ("layers",)))
+    add(Case("r2/integer_model/numpy_input",
+             lambda c: ptq_wrapper(c).convert()(np.zeros((1, *config.INPUT_SHAPE), np.float32)), ("input",)))
+    add(Case("r2/onnx_predict/empty_batch", lambda c: export.onnx_predict(float_onnx(c), x8[:0]),
+             check=lambda r, _c: r.shape == (0, 12)))
+    add(Case("r2/DSCNN/keyword_x", lambda c: net.eval()(x=x8), check=lambda r, _c: torch.equal(r, net.eval()(x8))))
+    add(Case("r2/DSCNN/two_inputs", lambda c: net(x8, x8), ("input",)))
+    add(Case("r2/DSCNN/no_argument", lambda c: net(), ("input",)))
+
+    # ---------------------------------------------------------------- unclear errors
+    def upper_sha(c: Ctx) -> Any:
+        url, sha = _file_url(c)
+        return data.download(url, c.tmp / "d.bin", sha.upper(), show_progress=False)
+    add(Case("r2/download/upper_case_sha256", upper_sha, check=lambda r, _c: r.read_bytes() == b"dataset bytes"))
+    add(Case("r2/load_kws01/bom", lambda c: data.load_kws01(_kws01_bom(c)), check=lambda r, _c: r[1].tolist() == [3]))
+    add(Case("r2/test_clips/upper_case_wav", lambda c: data.test_clips(_upper_wav_test_set(c)),
+             check=lambda r, _c: len(r) == len(data.TEST_FOLDERS)))
+    for hop, ok in ((100.0, True), (40.0, True), (30.5, False)):
+        if ok:
+            add(Case(f"r2/hop_frames/{hop!r}", lambda c, h=hop: streaming.hop_frames(h),
+                     check=lambda r, _c, h=hop: r == int(h) // 20))
+        else:
+            add(Case(f"r2/hop_frames/{hop!r}", lambda c, h=hop: streaming.hop_frames(h), ("hop_ms",)))
+    add(Case("r2/prepare_recording/one_row", lambda c: streaming.prepare_recording(np.zeros((1, 20000))),
+             check=lambda r, _c: r.shape == (20000,)))
+    add(Case("r2/prepare_recording/two_rows", lambda c: streaming.prepare_recording(np.zeros((2, 20000))),
+             ("audio[0]", "mean(axis=0)")))
+    add(Case("r2/ptq/nan_calibration", lambda c: quant.ptq(tiny_model(), 8, torch.full((4, *config.INPUT_SHAPE), math.nan)),
+             ("calib_x",)))
+
+    def qdq_file(c: Ctx) -> Path:
+        w = ptq_wrapper(c)
+        return Path(w.export(torch.zeros(1, *config.INPUT_SHAPE), c.tmp / "fq.onnx",
+                             model_qconfig_format=quant.TinyMLModelQConfigFormat.QDQ_MODEL))
+    add(Case("r2/load_integer_onnx/fake_quant_form", lambda c: deploy.load_integer_onnx(qdq_file(c)), ("QDQ",)))
+    add(Case("r2/load_checkpoint/module_prefix", lambda c: model.load_checkpoint(
+        tiny_model(), _state_with(lambda s: {f"module.{k}": v for k, v in s.items()})(c)), check=_same_weights(None)))
+    add(Case("r2/load_checkpoint/state_dict_key", lambda c: model.load_checkpoint(
+        tiny_model(), _state_with(lambda s: {"state_dict": s, "epoch": 3})(c)), check=_same_weights(None)))
+
+    # ---------------------------------------------------------------- runs that collide or die
+    good = {"a/x.wav": b"1", "b/y.wav": b"2"}
+    add(Case("r2/extract/live_lock", lambda c: data.extract(tar_of(c, good), c.tmp / "target", {"kind": "t"}),
+             ("target.lock",), setup=lambda c: _lock(c, os.getppid()),
+             files_ok=lambda c: not (c.tmp / "target").exists() and (c.tmp / "target.lock").is_file()))
+    add(Case("r2/extract/stale_lock", lambda c: data.extract(tar_of(c, good), c.tmp / "target", {"kind": "t"}),
+             setup=lambda c: _lock(c, _dead_pid()),
+             check=lambda r, c: (r / "a" / "x.wav").is_file() and not (c.tmp / "target.lock").exists()))
+    add(Case("r2/generate_test_set/live_lock", lambda c: synthetic.generate_test_set(c.tmp / "target", 3, 1, workers=1),
+             ("target.lock",), setup=lambda c: _lock(c, os.getppid())))
+
+    def dead_tmp(c: Ctx) -> None:
+        write_file(c.tmp / f"{files.TEMP_PREFIX}d.bin.{_dead_pid()}.abc123.bin", b"half a download")
+    add(Case("r2/download/removes_dead_tmp", lambda c: data.download(_file_url(c)[0], c.tmp / "d.bin", _file_url(c)[1],
+                                                                      show_progress=False),
+             setup=dead_tmp, check=lambda r, c: not any(p.name.startswith(".kws-tmp-") for p in c.tmp.iterdir())))
+
+    def live_tmp(c: Ctx) -> None:
+        write_file(c.tmp / f"{files.TEMP_PREFIX}d.bin.{os.getppid()}.abc123.bin", b"another run writing")
+    add(Case("r2/download/keeps_live_tmp", lambda c: data.download(_file_url(c)[0], c.tmp / "d.bin", _file_url(c)[1],
+                                                                    show_progress=False),
+             setup=live_tmp, files_ok=lambda c: any(p.name.startswith(".kws-tmp-") for p in c.tmp.iterdir()),
+             check=lambda r, _c: r.is_file()))
+    add(Case("r2/extract/folder_mode", lambda c: data.extract(tar_of(c, good), c.tmp / "target", {"kind": "t"}),
+             check=lambda r, _c: (r.stat().st_mode & 0o777) == 0o777 & ~files._umask()))
+    return out
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from torch.ao.quantization import FakeQuantize
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from kws_utils import config, export as kws_export, files, holdout, tinpu_onnx, training
+from kws_utils.errors import InputError
 from kws_utils.quant.observers import ceil_power2
 from kws_utils.quant.qconfig import WEIGHT_BITS, qconfig_for
 from kws_utils.quant.wrappers import (TINPUTinyMLPTQFxModule, TINPUTinyMLQATFxModule,
@@ -77,9 +78,21 @@ def calibration_subset(x: torch.Tensor, n: int, seed: int = config.SEED) -> torc
     return x[idx.sort().values]
 
 
+def _check_calibration(x: object) -> None:
+    """Refuse calibration inputs that are empty, wrongly shaped or not finite, naming calib_x."""
+    if not isinstance(x, torch.Tensor) or len(x) == 0:
+        raise InputError(f"calib_x must be a non-empty tensor (N, 1, 49, 10) of features, got "
+                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}.")
+    if x.is_floating_point() and not torch.isfinite(x).all():
+        raise InputError("calib_x holds NaN or infinite values: the quantization ranges would be "
+                         "NaN. Check the features (and the audio) used for calibration.")
+
+
 def calibrate(wrapper: TINPUTinyMLQuantFxModule, x: torch.Tensor, batch_size: int = 100,
               seed: int = config.SEED) -> TINPUTinyMLQuantFxModule:
     """PTQ calibration as TI's KWS example does it: train() (one epoch), forward passes, eval()."""
+    training._check_count("batch_size", batch_size, 1)
+    _check_calibration(x)
     holdout.refuse_test_inputs(x, "quant.calibrate")
     # train() mode keeps dropout on, so the observed ranges depend on its masks: seed them
     # (without disturbing the caller's random state) so that calibration is reproducible.

@@ -35,6 +35,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from kws_utils import config, model as kws_model
+from kws_utils.errors import InputError, InputTypeError
 from kws_utils.quant import onnx_form
 from kws_utils.quant.observers import TernaryFakeQuantize
 from kws_utils.quant.qconfig import FLOAT32_EXACT, MAX_SHIFT, MULT_BITS, output_int_dtype
@@ -300,6 +301,9 @@ class IntegerModel(nn.Module):
         super().__init__()
         if output not in ("int8", "float"):
             raise ValueError(f"output={output!r}: use 'int8' or 'float'.")
+        if not layers:
+            raise InputError("layers is empty: an integer model needs at least one layer (build it "
+                             "with a wrapper's convert() or quant.read_integer_onnx).")
         self.input_scale, self.input_qmin, self.input_qmax = input_range
         self.input_stage = input_stage or InputStage.for_scale(*input_range)
         self.layers, self.input_shape, self.output = layers, input_shape, output
@@ -308,6 +312,12 @@ class IntegerModel(nn.Module):
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         """Float input -> integer codes (int64), as the graph's Add/Mul/Floor/Clip input stage."""
+        if not isinstance(x, torch.Tensor):
+            raise InputTypeError(f"integer model input must be a torch.Tensor, got {type(x).__name__}; "
+                                 "convert with torch.as_tensor(x, dtype=torch.float32).")
+        if x.is_floating_point() and not torch.isfinite(x).all():
+            raise InputError("integer model input holds NaN or infinite values: they have no integer "
+                             "code. Check the features (and the audio).")
         if tuple(x.shape[1:]) != self.input_shape:
             if self.input_shape == config.INPUT_SHAPE:
                 kws_model.check_input(x)

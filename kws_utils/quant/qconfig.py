@@ -5,6 +5,8 @@ import copy
 
 import torch
 
+from kws_utils.errors import InputTypeError
+
 WEIGHT_BITS = (8, 4, 2)
 MULT_BITS = 8          # the NPU's requantization multiplier is an 8-bit unsigned integer
 MAX_SHIFT = 31
@@ -33,6 +35,9 @@ def qconfig_for(weight_bits: int, power2_scale: bool | None = None) -> dict:
     """A plain qconfig_type dict for 8, 4 or 2-bit weights (power-of-2 weight scales only for 8 bits)."""
     if weight_bits not in WEIGHT_BITS:
         raise ValueError(f"weight_bits={weight_bits}: the TI NPU supports {WEIGHT_BITS}.")
+    if power2_scale is not None and not isinstance(power2_scale, bool):
+        raise InputTypeError(f"power2_scale={power2_scale!r}: give True, False or None (None: "
+                             "power-of-2 scales for 8-bit weights only).")
     power2 = weight_bits == 8 if power2_scale is None else power2_scale
     return {
         "weight": {"bitwidth": weight_bits, "qscheme": torch.per_channel_symmetric,
@@ -76,6 +81,10 @@ def _check_keys(part: dict, known: set, kind: str) -> None:
 def _weight_range(w: dict) -> None:
     """Fill in and check the weight quant range of its bit width (TI's default: symmetric)."""
     half = 2 ** (w["bitwidth"] - 1)
+    for key in ("quant_min", "quant_max"):
+        if w.get(key) is not None and (isinstance(w[key], bool) or not isinstance(w[key], int)):
+            raise InputTypeError(f"qconfig_type['weight']['{key}']={w[key]!r}: give a whole number "
+                                 f"(or None for the symmetric {w['bitwidth']}-bit range).")
     w["quant_min"] = -(half - 1) if w.get("quant_min") is None else w["quant_min"]
     w["quant_max"] = half - 1 if w.get("quant_max") is None else w["quant_max"]
     if not -half <= w["quant_min"] < 0 < w["quant_max"] <= half - 1:

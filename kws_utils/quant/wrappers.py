@@ -18,6 +18,7 @@ from torch.ao.quantization import FakeQuantize, QConfigMapping
 from torch.ao.quantization import quantize_fx
 
 from kws_utils import config, model as kws_model
+from kws_utils.errors import InputError
 from kws_utils.quant import onnx_form
 from kws_utils.quant.integer import IntegerModel, build_integer_model
 from kws_utils.quant.observers import (SoftFakeQuantize, TernaryFakeQuantize,
@@ -118,6 +119,9 @@ class TINPUTinyMLQuantFxModule(nn.Module):
                             ("num_observer_update_epochs", num_observer_update_epochs)):
             if value is not None and value is not False and not (isinstance(value, int) and value >= 0):
                 raise ValueError(f"{name} must be None, False or an epoch number >= 0, got {value!r}.")
+        if isinstance(total_epochs, bool) or not isinstance(total_epochs, (int, np.integer)) or total_epochs < 1:
+            raise InputError(f"total_epochs={total_epochs!r}: give the number of (QAT) epochs as a "
+                             "whole number >= 1 (1 for PTQ).")
         self.qconfig_type = normalize_qconfig_type(qconfig_type)
         self.example_inputs = _as_example_tuple(example_inputs)
         _check_example(self.example_inputs, model)
