@@ -108,6 +108,21 @@ def test_detection_threshold_and_refractory_period() -> None:
     assert streaming.detect(silence, threshold=0.1) == []    # only keywords are detected
 
 
+def test_a_long_plateau_fires_once_and_a_dip_below_threshold_rearms() -> None:
+    up = config.LABELS.index("up")
+    plateau = _result({up: [0] + [.9] * 25 + [0]})          # 2.5 s above threshold: one word
+    assert len(streaming.detect(plateau, 0.5, refractory_ms=1000)) == 1
+    # the old rule (refractory only) fires again every second of the same plateau
+    assert len(streaming.detect(plateau, 0.5, refractory_ms=1000, rearm=False)) == 3
+    dip = _result({up: [0] + [.9] * 5 + [.4] + [.9] * 5 + [0]})   # falls below 0.5 once
+    assert [round(d.time_s, 1) for d in streaming.detect(dip, 0.5, refractory_ms=0)] == [1.1, 1.7]
+    # the refractory period still applies after a re-arm: the second detection waits for it
+    assert [round(d.time_s, 1) for d in streaming.detect(dip, 0.5, refractory_ms=1000)] == [1.1, 2.1]
+    # a score equal to the threshold counts as reached, so it does not re-arm
+    touch = _result({up: [0, .9, .5, .9, 0]})
+    assert len(streaming.detect(touch, 0.5, refractory_ms=0)) == 1
+
+
 def test_scoring_counts_hits_misses_and_false_alarms() -> None:
     yes, no, up = (config.LABELS.index(w) for w in ("yes", "no", "up"))
     events = [streaming.Event(yes, 2.0, 3.0), streaming.Event(no, 5.0, 6.0),
@@ -123,10 +138,11 @@ def test_scoring_counts_hits_misses_and_false_alarms() -> None:
     assert go not in (yes, no, up)
 
 
-def test_sweep_false_alarms_fall_as_threshold_rises() -> None:
+def test_sweep_false_alarms_fall_as_threshold_rises_without_rearm() -> None:
+    # (with re-arming a higher threshold can split one plateau into several crossings)
     rng = np.random.default_rng(0)
     result = _result({k: list(rng.uniform(0, 1, 300)) for k in range(10)})
-    scores = streaming.sweep(result, [], np.linspace(0, 1, 11), refractory_ms=0)
+    scores = streaming.sweep(result, [], np.linspace(0, 1, 11), refractory_ms=0, rearm=False)
     fas = [s.false_alarms for s in scores]
     assert fas == sorted(fas, reverse=True) and fas[0] == 300 and fas[-1] <= 3
 
@@ -213,5 +229,5 @@ def test_long_recording_places_clips_at_their_events(tmp_path: Path) -> None:
 
 
 def test_long_recording_refuses_more_clips_than_the_test_set(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="test set has"):
+    with pytest.raises(ValueError, match="clips given hold"):
         streaming.build_long_recording(_mini_info(tmp_path), 1000)
