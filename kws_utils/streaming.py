@@ -312,11 +312,9 @@ def _noise_bed(bank: Sequence[np.ndarray], n: int, rng: np.random.Generator) -> 
     return np.concatenate(parts)
 
 
-def place_clips(clips: Sequence[data.Clip], noise: Sequence[np.ndarray], n_keywords: int,
-                n_distractors: int = 0, gap_s: tuple[float, float] = (0.5, 2.0),
-                snr_db: float = config.STREAM_SNR_DB, seed: int = config.SEED
-                ) -> tuple[np.ndarray, list[Event]]:
-    """Drawn clips at known places, gaps between, over a noise bed -> (float32 audio, events)."""
+def _check_layout(n_keywords: object, n_distractors: object, gap_s: tuple[float, float],
+                  snr_db: float) -> None:
+    """Raise a clear error for clip counts, gaps or a noise level a recording cannot have."""
     for name, count in (("n_keywords", n_keywords), ("n_distractors", n_distractors)):
         if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 0:
             raise InputError(f"{name}={count!r}: give a whole number of clips >= 0.")
@@ -327,6 +325,14 @@ def place_clips(clips: Sequence[data.Clip], noise: Sequence[np.ndarray], n_keywo
         raise InputError(f"gap_s={gap_s}: the shortest gap must not exceed the longest.")
     if not np.isfinite(snr_db):
         raise InputError(f"snr_db={snr_db!r}: give a finite speech-to-noise ratio in dB.")
+
+
+def place_clips(clips: Sequence[data.Clip], noise: Sequence[np.ndarray], n_keywords: int,
+                n_distractors: int = 0, gap_s: tuple[float, float] = (0.5, 2.0),
+                snr_db: float = config.STREAM_SNR_DB, seed: int = config.SEED
+                ) -> tuple[np.ndarray, list[Event]]:
+    """Drawn clips at known places, gaps between, over a noise bed -> (float32 audio, events)."""
+    _check_layout(n_keywords, n_distractors, gap_s, snr_db)
     if not len(noise):
         raise InputError("noise holds no recordings: pass at least one background recording.")
     rng = np.random.default_rng(seed)
@@ -358,6 +364,7 @@ def build_long_recording(info: data.DatasetInfo, n_keywords: int, n_distractors:
                          snr_db: float = config.STREAM_SNR_DB, seed: int = config.SEED
                          ) -> tuple[np.ndarray, list[Event]]:
     """The dataset's held-out test clips over its own noise recordings (see place_clips)."""
+    _check_layout(n_keywords, n_distractors, gap_s, snr_db)     # before reading any file
     return place_clips(data.splits(info)["test"], data.noise_bank(info, include_validation=True),
                        n_keywords, n_distractors, gap_s, snr_db, seed)
 
