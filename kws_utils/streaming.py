@@ -290,6 +290,38 @@ def score(detections: Sequence[Detection], events: Sequence[Event], duration_s: 
                  duration_s / 3600)
 
 
+FALSE_ALARM_CAUSES = ("repeat of a found word", "wrong keyword during a keyword clip",
+                      "during an unknown word", "no word in view")
+
+
+def false_alarm_causes(detections: Sequence[Detection], events: Sequence[Event],
+                       tolerance_s: float = MATCH_TOLERANCE_S) -> dict[str, int]:
+    """Count the false alarms of a run by what was in view when each fired (FALSE_ALARM_CAUSES)."""
+    keyword_events = [ev for ev in events if ev.label in KEYWORD_IDS]
+    found = match(detections, keyword_events, tolerance_s)
+    counts = dict.fromkeys(FALSE_ALARM_CAUSES, 0)
+    for d, det in enumerate(detections):
+        if d in found:
+            continue
+        in_view = [ev for ev in events if ev.start_s <= det.time_s <= ev.end_s + tolerance_s]
+        if any(ev.label == det.label for ev in in_view if ev.label in KEYWORD_IDS):
+            counts[FALSE_ALARM_CAUSES[0]] += 1
+        elif any(ev.label in KEYWORD_IDS for ev in in_view):
+            counts[FALSE_ALARM_CAUSES[1]] += 1
+        elif in_view:
+            counts[FALSE_ALARM_CAUSES[2]] += 1
+        else:
+            counts[FALSE_ALARM_CAUSES[3]] += 1
+    return counts
+
+
+def fa_resolution(duration_s: float) -> float:
+    """The false alarms per hour that a single false alarm is on a recording of ``duration_s``."""
+    if _check_ms("duration_s", duration_s) == 0:
+        raise InputError("duration_s=0: false alarms per hour need a recording longer than 0 s.")
+    return 3600 / duration_s
+
+
 def sweep(result: StreamResult, events: Sequence[Event], thresholds: Sequence[float],
           refractory_ms: int = config.STREAM_REFRACTORY_MS, rearm: bool = True) -> list[Score]:
     """Score every threshold (the model ran once; only the decisions are redone)."""

@@ -138,6 +138,23 @@ def test_scoring_counts_hits_misses_and_false_alarms() -> None:
     assert go not in (yes, no, up)
 
 
+def test_false_alarm_causes_sort_every_false_alarm_once() -> None:
+    yes, no, up = (config.LABELS.index(w) for w in ("yes", "no", "up"))
+    events = [streaming.Event(yes, 2.0, 3.0), streaming.Event(no, 5.0, 6.0),
+              streaming.Event(config.UNKNOWN_INDEX, 8.0, 9.0)]
+    dets = [streaming.Detection(2.8, yes, .9),      # hit
+            streaming.Detection(3.6, yes, .9),      # the same word again
+            streaming.Detection(5.5, up, .9),       # wrong keyword while "no" is in view
+            streaming.Detection(8.5, up, .9),       # on the unknown word
+            streaming.Detection(12.0, no, .9)]      # nothing in view
+    causes = streaming.false_alarm_causes(dets, events)
+    assert list(causes.values()) == [1, 1, 1, 1]
+    assert sum(causes.values()) == streaming.score(dets, events, 20.0).false_alarms
+    assert streaming.fa_resolution(1800.0) == pytest.approx(2.0)
+    with pytest.raises(ValueError, match="duration_s"):
+        streaming.fa_resolution(0.0)
+
+
 def test_sweep_false_alarms_fall_as_threshold_rises_without_rearm() -> None:
     # (with re-arming a higher threshold can split one plateau into several crossings)
     rng = np.random.default_rng(0)
