@@ -13,6 +13,7 @@ matplotlib.use("Agg")
 
 from kws_utils import config, deploy, features, model, quant, streaming  # noqa: E402
 from test_data import make_test_dir, make_train_dir  # noqa: E402  (the miniature dataset)
+from test_notebook_code import marked_cells, run_cells  # noqa: E402  (notebook cells by marker)
 
 RATE = config.SAMPLE_RATE
 
@@ -172,7 +173,8 @@ def onnx_files(tmp_path_factory) -> dict[str, Path]:
     net = model.DSCNN().eval()
     calib = torch.stack(list(streaming.stream_features(_recording(3.0, seed=3), 100)))[:, None]
     tmp = tmp_path_factory.mktemp("stream_models")
-    return {out: quant.ptq(net, 8, calib).convert(output=out).export(
+    # the course's wrapper takes the output form; convert() again only picks it
+    return {out: quant.ptq(net, 8, calib, backend=quant).convert(output=out).export(
         calib[:1], tmp / f"int8_{out}.onnx") for out in ("float", "int8")}
 
 
@@ -248,3 +250,61 @@ def test_long_recording_places_clips_at_their_events(tmp_path: Path) -> None:
 def test_long_recording_refuses_more_clips_than_the_test_set(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="clips given hold"):
         streaming.build_long_recording(_mini_info(tmp_path), 1000)
+
+
+# ----------------------------------------------------------------------------- notebook 06's code
+NB06 = "06_streaming_and_deployment.ipynb"
+
+
+def _taught(marker: str) -> dict:
+    """Namespace after running notebook 06's one cell marked ``# kws-code: marker``."""
+    (source,) = marked_cells(NB06, marker)
+    return run_cells([source], {"np": np, "config": config, "streaming": streaming})
+
+
+def _random_result(seed: int, n: int = 300) -> streaming.StreamResult:
+    """Smoothed posteriors with plateaus, dips and label changes, as a stream produces them."""
+    rng = np.random.default_rng(seed)
+    logits = np.repeat(rng.normal(0, 3, (n // 10, len(config.LABELS))), 10, axis=0)
+    post = streaming.softmax(logits + rng.normal(0, 1, logits.shape))
+    times = 1.0 + 0.1 * np.arange(len(post))
+    return streaming.StreamResult(times, post, streaming.smooth(post, 3), 100, 300, float(times[-1]))
+
+
+def test_notebook06_detector_is_streaming_detect() -> None:
+    detect_by_hand = _taught("detect")["detect_by_hand"]
+    for seed in range(4):
+        result = _random_result(seed)
+        for threshold, refractory_ms in ((0.3, 0), (0.5, 500), (0.7, 1000)):
+            expected = streaming.detect(result, threshold, refractory_ms)
+            assert expected, "the case should produce detections"
+            assert detect_by_hand(result, threshold, refractory_ms) == expected
+
+
+def test_notebook06_scorer_is_streaming_score() -> None:
+    score_by_hand = _taught("score")["score_by_hand"]
+    rng = np.random.default_rng(7)
+    for _ in range(20):
+        starts = np.sort(rng.uniform(0, 60, 12))
+        events = [streaming.Event(int(rng.integers(0, 12)), float(t), float(t) + 1.0) for t in starts]
+        dets = [streaming.Detection(float(t), int(rng.integers(0, 10)), 0.9)
+                for t in np.sort(rng.uniform(0, 62, 15))]
+        s = streaming.score(dets, events, 62.0)
+        assert score_by_hand(dets, events, 62.0) == (s.hits, s.misses, s.false_alarms, pytest.approx(s.fa_per_hour))
+
+
+def test_notebook06_integer_forward_is_numpy_reference(onnx_files: dict[str, Path], tmp_path: Path) -> None:
+    integer_forward = _taught("integer_forward")["integer_forward"]
+    x = torch.stack(list(streaming.stream_features(_recording(2.0, seed=9), 100)))[:, None].numpy()
+    # and a file of the default backend (TI's package when installed: float32 products)
+    net = model.DSCNN().eval()
+    auto = quant.export_integer(quant.ptq(net, 8, torch.from_numpy(x)), tmp_path / "auto.onnx")
+    for path in [*onnx_files.values(), auto]:
+        int_model = deploy.load_integer_onnx(path)
+        expected = deploy.numpy_reference(int_model, x, return_codes=True)
+        assert np.array_equal(integer_forward(int_model, x), expected)
+        # the product as TI's files write it (float32) is followed too
+        for layer in int_model.layers:
+            layer.float32_product = True
+        assert np.array_equal(integer_forward(int_model, x),
+                              deploy.numpy_reference(int_model, x, return_codes=True))
