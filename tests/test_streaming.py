@@ -308,3 +308,17 @@ def test_notebook06_integer_forward_is_numpy_reference(onnx_files: dict[str, Pat
             layer.float32_product = True
         assert np.array_equal(integer_forward(int_model, x),
                               deploy.numpy_reference(int_model, x, return_codes=True))
+
+
+def test_place_clips_and_noise_folder_refuse_empty_inputs(tmp_path: Path) -> None:
+    info = _mini_info(tmp_path)
+    from kws_utils import data
+    clips = data.splits(info)["test"]
+    with pytest.raises(ValueError, match="noise holds no recordings"):
+        streaming.place_clips(clips, [], 2)
+    with pytest.raises(ValueError, match="no wav files"):
+        streaming.noise_recordings(tmp_path / "empty")
+    noise = streaming.noise_recordings(Path(info.train_dir) / config.BACKGROUND_NOISE_DIR)
+    audio, events = streaming.place_clips(clips, noise, 0, 2, seed=3)   # keyword-free
+    assert len(events) == 2 and all(ev.label == config.UNKNOWN_INDEX for ev in events)
+    assert audio.size >= 2 * RATE
