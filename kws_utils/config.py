@@ -307,7 +307,7 @@ def quant_backend_choice() -> str:
 
 
 # Streaming detection (notebook 06): a decision every hop on the last 1 s, posteriors averaged
-# over a span, a threshold and a refractory period. The hop must be a multiple of FRAME_STEP.
+# over a span, a threshold, re-arming below it and a refractory period. The hop must be a multiple of FRAME_STEP.
 STREAM_HOP_MS = 100
 STREAM_SMOOTH_MS = 300
 STREAM_THRESHOLD = 0.6

@@ -14,6 +14,7 @@ maximum and the log/DCT are redone per hop. The window maximum itself comes from
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator, Sequence
 
 import matplotlib.pyplot as plt
@@ -235,17 +236,20 @@ class Event:
 
 
 def detect(result: StreamResult, threshold: float = config.STREAM_THRESHOLD,
-           refractory_ms: int = config.STREAM_REFRACTORY_MS) -> list[Detection]:
-    """Fire when a keyword's smoothed posterior reaches the threshold, then stay quiet a while."""
+           refractory_ms: int = config.STREAM_REFRACTORY_MS, rearm: bool = True) -> list[Detection]:
+    """Fire when a keyword's smoothed score reaches the threshold; re-arm once it falls below."""
     threshold = check_threshold(threshold)
-    _check_ms("refractory_ms", refractory_ms)
+    refractory_s = _check_ms("refractory_ms", refractory_ms) / 1000
     scores = result.smoothed[:, KEYWORD_IDS]
-    best, label = scores.max(axis=1), scores.argmax(axis=1)
     out: list[Detection] = []
-    for i in np.nonzero(best >= threshold)[0]:
-        # The refractory period stops one utterance from firing on every hop it is in view.
-        if not out or result.times[i] - out[-1].time_s >= refractory_ms / 1000:
-            out.append(Detection(float(result.times[i]), int(label[i]), float(best[i])))
+    armed = True
+    for time_s, row in zip(result.times, scores):
+        best = row.max()
+        if best < threshold:
+            armed = True      # the plateau of the last word is over: the next crossing is a new word
+        elif (armed or not rearm) and (not out or time_s - out[-1].time_s >= refractory_s):
+            out.append(Detection(float(time_s), int(row.argmax()), float(best)))
+            armed = False
     return out
 
 
@@ -297,12 +301,44 @@ def score(detections: Sequence[Detection], events: Sequence[Event], duration_s: 
                  duration_s / 3600)
 
 
+FALSE_ALARM_CAUSES = ("repeat of a found word", "wrong keyword during a keyword clip",
+                      "during an unknown word", "no word in view")
+
+
+def false_alarm_causes(detections: Sequence[Detection], events: Sequence[Event],
+                       tolerance_s: float = MATCH_TOLERANCE_S) -> dict[str, int]:
+    """Count the false alarms of a run by what was in view when each fired (FALSE_ALARM_CAUSES)."""
+    keyword_events = [ev for ev in events if ev.label in KEYWORD_IDS]
+    found = match(detections, keyword_events, tolerance_s)
+    counts = dict.fromkeys(FALSE_ALARM_CAUSES, 0)
+    for d, det in enumerate(detections):
+        if d in found:
+            continue
+        in_view = [ev for ev in events if ev.start_s <= det.time_s <= ev.end_s + tolerance_s]
+        if any(ev.label == det.label for ev in in_view if ev.label in KEYWORD_IDS):
+            counts[FALSE_ALARM_CAUSES[0]] += 1
+        elif any(ev.label in KEYWORD_IDS for ev in in_view):
+            counts[FALSE_ALARM_CAUSES[1]] += 1
+        elif in_view:
+            counts[FALSE_ALARM_CAUSES[2]] += 1
+        else:
+            counts[FALSE_ALARM_CAUSES[3]] += 1
+    return counts
+
+
+def fa_resolution(duration_s: float) -> float:
+    """The false alarms per hour that a single false alarm is on a recording of ``duration_s``."""
+    if _check_ms("duration_s", duration_s) == 0:
+        raise InputError("duration_s=0: false alarms per hour need a recording longer than 0 s.")
+    return 3600 / duration_s
+
+
 def sweep(result: StreamResult, events: Sequence[Event], thresholds: Sequence[float],
-          refractory_ms: int = config.STREAM_REFRACTORY_MS) -> list[Score]:
+          refractory_ms: int = config.STREAM_REFRACTORY_MS, rearm: bool = True) -> list[Score]:
     """Score every threshold (the model ran once; only the decisions are redone)."""
     if isinstance(thresholds, (int, float)):
         raise InputTypeError(f"thresholds={thresholds!r}: pass a list of thresholds, e.g. [0.5, 0.6].")
-    return [score(detect(result, t, refractory_ms), events, result.duration_s, t)
+    return [score(detect(result, t, refractory_ms, rearm), events, result.duration_s, t)
             for t in thresholds]
 
 
@@ -319,11 +355,9 @@ def _noise_bed(bank: Sequence[np.ndarray], n: int, rng: np.random.Generator) -> 
     return np.concatenate(parts)
 
 
-def build_long_recording(info: data.DatasetInfo, n_keywords: int, n_distractors: int = 0,
-                         gap_s: tuple[float, float] = (0.5, 2.0),
-                         snr_db: float = config.STREAM_SNR_DB, seed: int = config.SEED
-                         ) -> tuple[np.ndarray, list[Event]]:
-    """Held-out test clips at known places over background noise -> (float32 audio, events)."""
+def _check_layout(n_keywords: object, n_distractors: object, gap_s: tuple[float, float],
+                  snr_db: float) -> None:
+    """Raise a clear error for clip counts, gaps or a noise level a recording cannot have."""
     for name, count in (("n_keywords", n_keywords), ("n_distractors", n_distractors)):
         if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 0:
             raise InputError(f"{name}={count!r}: give a whole number of clips >= 0.")
@@ -334,29 +368,56 @@ def build_long_recording(info: data.DatasetInfo, n_keywords: int, n_distractors:
         raise InputError(f"gap_s={gap_s}: the shortest gap must not exceed the longest.")
     if not np.isfinite(snr_db):
         raise InputError(f"snr_db={snr_db!r}: give a finite speech-to-noise ratio in dB.")
+
+
+def place_clips(clips: Sequence[data.Clip], noise: Sequence[np.ndarray], n_keywords: int,
+                n_distractors: int = 0, gap_s: tuple[float, float] = (0.5, 2.0),
+                snr_db: float = config.STREAM_SNR_DB, seed: int = config.SEED
+                ) -> tuple[np.ndarray, list[Event]]:
+    """Drawn clips at known places, gaps between, over a noise bed -> (float32 audio, events)."""
+    _check_layout(n_keywords, n_distractors, gap_s, snr_db)
+    if not len(noise):
+        raise InputError("noise holds no recordings: pass at least one background recording.")
     rng = np.random.default_rng(seed)
-    test = data.splits(info)["test"]
-    keywords = [c for c in test if c.label in KEYWORD_IDS]
-    others = [c for c in test if c.label == config.UNKNOWN_INDEX]
+    keywords = [c for c in clips if c.label in KEYWORD_IDS]
+    others = [c for c in clips if c.label == config.UNKNOWN_INDEX]
     if n_keywords > len(keywords) or n_distractors > len(others):
         raise InputError(f"asked for {n_keywords} keyword / {n_distractors} unknown clips; the "
-                         f"test set has {len(keywords)} / {len(others)}.")
+                         f"clips given hold {len(keywords)} / {len(others)}.")
     chosen = ([keywords[i] for i in rng.choice(len(keywords), n_keywords, replace=False)]
               + [others[i] for i in rng.choice(len(others), n_distractors, replace=False)])
     chosen = [chosen[i] for i in rng.permutation(len(chosen))]
-    clips = data.load_clips(chosen, desc="test clips").astype(np.float64) / features.INT16_SCALE
+    audio_clips = data.load_clips(chosen, desc="clips").astype(np.float64) / features.INT16_SCALE
     gaps = rng.uniform(*gap_s, size=len(chosen) + 1)
     starts = (np.cumsum(gaps)[:-1] + np.arange(len(chosen))) * config.SAMPLE_RATE
     starts = starts.astype(int)
     total = int(starts[-1] + config.CLIP_SAMPLES + gaps[-1] * config.SAMPLE_RATE)
-    speech_rms = np.median(np.sqrt(np.mean(clips ** 2, axis=1)))
-    audio = _noise_bed(data.noise_bank(info, include_validation=True), total, rng)
+    speech_rms = np.median(np.sqrt(np.mean(audio_clips ** 2, axis=1)))
+    audio = _noise_bed(noise, total, rng)
     audio *= speech_rms / 10 ** (snr_db / 20)
-    for start, clip in zip(starts, clips):
+    for start, clip in zip(starts, audio_clips):
         audio[start:start + config.CLIP_SAMPLES] += clip
     events = [Event(c.label, s / config.SAMPLE_RATE, (s + config.CLIP_SAMPLES) / config.SAMPLE_RATE)
               for c, s in zip(chosen, starts)]
     return np.clip(audio, -1.0, 1.0).astype(np.float32), events
+
+
+def build_long_recording(info: data.DatasetInfo, n_keywords: int, n_distractors: int = 0,
+                         gap_s: tuple[float, float] = (0.5, 2.0),
+                         snr_db: float = config.STREAM_SNR_DB, seed: int = config.SEED
+                         ) -> tuple[np.ndarray, list[Event]]:
+    """The dataset's held-out test clips over its own noise recordings (see place_clips)."""
+    _check_layout(n_keywords, n_distractors, gap_s, snr_db)     # before reading any file
+    return place_clips(data.splits(info)["test"], data.noise_bank(info, include_validation=True),
+                       n_keywords, n_distractors, gap_s, snr_db, seed)
+
+
+def noise_recordings(folder: str | Path) -> list[np.ndarray]:
+    """Every wav of a background-noise folder as float32 in [-1, 1]."""
+    paths = sorted(Path(folder).glob("*.wav"))
+    if not paths:
+        raise InputError(f"{folder}: no wav files; pass the folder of background-noise recordings.")
+    return [data.load_audio(p).astype(np.float32) / features.INT16_SCALE for p in paths]
 
 
 # ----------------------------------------------------------------------------- plots

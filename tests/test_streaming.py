@@ -13,6 +13,7 @@ matplotlib.use("Agg")
 
 from kws_utils import config, deploy, features, model, quant, streaming  # noqa: E402
 from test_data import make_test_dir, make_train_dir  # noqa: E402  (the miniature dataset)
+from test_notebook_code import marked_cells, run_cells  # noqa: E402  (notebook cells by marker)
 
 RATE = config.SAMPLE_RATE
 
@@ -108,6 +109,21 @@ def test_detection_threshold_and_refractory_period() -> None:
     assert streaming.detect(silence, threshold=0.1) == []    # only keywords are detected
 
 
+def test_a_long_plateau_fires_once_and_a_dip_below_threshold_rearms() -> None:
+    up = config.LABELS.index("up")
+    plateau = _result({up: [0] + [.9] * 25 + [0]})          # 2.5 s above threshold: one word
+    assert len(streaming.detect(plateau, 0.5, refractory_ms=1000)) == 1
+    # the old rule (refractory only) fires again every second of the same plateau
+    assert len(streaming.detect(plateau, 0.5, refractory_ms=1000, rearm=False)) == 3
+    dip = _result({up: [0] + [.9] * 5 + [.4] + [.9] * 5 + [0]})   # falls below 0.5 once
+    assert [round(d.time_s, 1) for d in streaming.detect(dip, 0.5, refractory_ms=0)] == [1.1, 1.7]
+    # the refractory period still applies after a re-arm: the second detection waits for it
+    assert [round(d.time_s, 1) for d in streaming.detect(dip, 0.5, refractory_ms=1000)] == [1.1, 2.1]
+    # a score equal to the threshold counts as reached, so it does not re-arm
+    touch = _result({up: [0, .9, .5, .9, 0]})
+    assert len(streaming.detect(touch, 0.5, refractory_ms=0)) == 1
+
+
 def test_scoring_counts_hits_misses_and_false_alarms() -> None:
     yes, no, up = (config.LABELS.index(w) for w in ("yes", "no", "up"))
     events = [streaming.Event(yes, 2.0, 3.0), streaming.Event(no, 5.0, 6.0),
@@ -123,10 +139,28 @@ def test_scoring_counts_hits_misses_and_false_alarms() -> None:
     assert go not in (yes, no, up)
 
 
-def test_sweep_false_alarms_fall_as_threshold_rises() -> None:
+def test_false_alarm_causes_sort_every_false_alarm_once() -> None:
+    yes, no, up = (config.LABELS.index(w) for w in ("yes", "no", "up"))
+    events = [streaming.Event(yes, 2.0, 3.0), streaming.Event(no, 5.0, 6.0),
+              streaming.Event(config.UNKNOWN_INDEX, 8.0, 9.0)]
+    dets = [streaming.Detection(2.8, yes, .9),      # hit
+            streaming.Detection(3.6, yes, .9),      # the same word again
+            streaming.Detection(5.5, up, .9),       # wrong keyword while "no" is in view
+            streaming.Detection(8.5, up, .9),       # on the unknown word
+            streaming.Detection(12.0, no, .9)]      # nothing in view
+    causes = streaming.false_alarm_causes(dets, events)
+    assert list(causes.values()) == [1, 1, 1, 1]
+    assert sum(causes.values()) == streaming.score(dets, events, 20.0).false_alarms
+    assert streaming.fa_resolution(1800.0) == pytest.approx(2.0)
+    with pytest.raises(ValueError, match="duration_s"):
+        streaming.fa_resolution(0.0)
+
+
+def test_sweep_false_alarms_fall_as_threshold_rises_without_rearm() -> None:
+    # (with re-arming a higher threshold can split one plateau into several crossings)
     rng = np.random.default_rng(0)
     result = _result({k: list(rng.uniform(0, 1, 300)) for k in range(10)})
-    scores = streaming.sweep(result, [], np.linspace(0, 1, 11), refractory_ms=0)
+    scores = streaming.sweep(result, [], np.linspace(0, 1, 11), refractory_ms=0, rearm=False)
     fas = [s.false_alarms for s in scores]
     assert fas == sorted(fas, reverse=True) and fas[0] == 300 and fas[-1] <= 3
 
@@ -139,7 +173,8 @@ def onnx_files(tmp_path_factory) -> dict[str, Path]:
     net = model.DSCNN().eval()
     calib = torch.stack(list(streaming.stream_features(_recording(3.0, seed=3), 100)))[:, None]
     tmp = tmp_path_factory.mktemp("stream_models")
-    return {out: quant.ptq(net, 8, calib).convert(output=out).export(
+    # the course's wrapper takes the output form; convert() again only picks it
+    return {out: quant.ptq(net, 8, calib, backend=quant).convert(output=out).export(
         calib[:1], tmp / f"int8_{out}.onnx") for out in ("float", "int8")}
 
 
@@ -213,5 +248,77 @@ def test_long_recording_places_clips_at_their_events(tmp_path: Path) -> None:
 
 
 def test_long_recording_refuses_more_clips_than_the_test_set(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="test set has"):
+    with pytest.raises(ValueError, match="clips given hold"):
         streaming.build_long_recording(_mini_info(tmp_path), 1000)
+
+
+# ----------------------------------------------------------------------------- notebook 06's code
+NB06 = "06_streaming_and_deployment.ipynb"
+
+
+def _taught(marker: str) -> dict:
+    """Namespace after running notebook 06's one cell marked ``# kws-code: marker``."""
+    (source,) = marked_cells(NB06, marker)
+    return run_cells([source], {"np": np, "config": config, "streaming": streaming})
+
+
+def _random_result(seed: int, n: int = 300) -> streaming.StreamResult:
+    """Smoothed posteriors with plateaus, dips and label changes, as a stream produces them."""
+    rng = np.random.default_rng(seed)
+    logits = np.repeat(rng.normal(0, 3, (n // 10, len(config.LABELS))), 10, axis=0)
+    post = streaming.softmax(logits + rng.normal(0, 1, logits.shape))
+    times = 1.0 + 0.1 * np.arange(len(post))
+    return streaming.StreamResult(times, post, streaming.smooth(post, 3), 100, 300, float(times[-1]))
+
+
+def test_notebook06_detector_is_streaming_detect() -> None:
+    detect_by_hand = _taught("detect")["detect_by_hand"]
+    for seed in range(4):
+        result = _random_result(seed)
+        for threshold, refractory_ms in ((0.3, 0), (0.5, 500), (0.7, 1000)):
+            expected = streaming.detect(result, threshold, refractory_ms)
+            assert expected, "the case should produce detections"
+            assert detect_by_hand(result, threshold, refractory_ms) == expected
+
+
+def test_notebook06_scorer_is_streaming_score() -> None:
+    score_by_hand = _taught("score")["score_by_hand"]
+    rng = np.random.default_rng(7)
+    for _ in range(20):
+        starts = np.sort(rng.uniform(0, 60, 12))
+        events = [streaming.Event(int(rng.integers(0, 12)), float(t), float(t) + 1.0) for t in starts]
+        dets = [streaming.Detection(float(t), int(rng.integers(0, 10)), 0.9)
+                for t in np.sort(rng.uniform(0, 62, 15))]
+        s = streaming.score(dets, events, 62.0)
+        assert score_by_hand(dets, events, 62.0) == (s.hits, s.misses, s.false_alarms, pytest.approx(s.fa_per_hour))
+
+
+def test_notebook06_integer_forward_is_numpy_reference(onnx_files: dict[str, Path], tmp_path: Path) -> None:
+    integer_forward = _taught("integer_forward")["integer_forward"]
+    x = torch.stack(list(streaming.stream_features(_recording(2.0, seed=9), 100)))[:, None].numpy()
+    # and a file of the default backend (TI's package when installed: float32 products)
+    net = model.DSCNN().eval()
+    auto = quant.export_integer(quant.ptq(net, 8, torch.from_numpy(x)), tmp_path / "auto.onnx")
+    for path in [*onnx_files.values(), auto]:
+        int_model = deploy.load_integer_onnx(path)
+        expected = deploy.numpy_reference(int_model, x, return_codes=True)
+        assert np.array_equal(integer_forward(int_model, x), expected)
+        # the product as TI's files write it (float32) is followed too
+        for layer in int_model.layers:
+            layer.float32_product = True
+        assert np.array_equal(integer_forward(int_model, x),
+                              deploy.numpy_reference(int_model, x, return_codes=True))
+
+
+def test_place_clips_and_noise_folder_refuse_empty_inputs(tmp_path: Path) -> None:
+    info = _mini_info(tmp_path)
+    from kws_utils import data
+    clips = data.splits(info)["test"]
+    with pytest.raises(ValueError, match="noise holds no recordings"):
+        streaming.place_clips(clips, [], 2)
+    with pytest.raises(ValueError, match="no wav files"):
+        streaming.noise_recordings(tmp_path / "empty")
+    noise = streaming.noise_recordings(Path(info.train_dir) / config.BACKGROUND_NOISE_DIR)
+    audio, events = streaming.place_clips(clips, noise, 0, 2, seed=3)   # keyword-free
+    assert len(events) == 2 and all(ev.label == config.UNKNOWN_INDEX for ev in events)
+    assert audio.size >= 2 * RATE
