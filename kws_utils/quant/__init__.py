@@ -13,6 +13,7 @@ Modules, by concern (``kws_utils.export`` never imports this package, so there i
     agreement  side-by-side runs against TI's package (benchmarks, tests)
     integer    IntLayer, IntegerModel, build_integer_model, requantization constants
     wrappers   TINPUTinyML*FxModule, TinyMLModelQConfigFormat, quant_backend()
+    gap        the NPU's pool in the fake-quant model (match_npu_pool); fake-quant vs integer per layer
     course     helpers of notebooks 04-06 (ptq, qat, quantize_variant, ...)
 
 Workflow (both QAT and PTQ)::
@@ -60,6 +61,8 @@ from kws_utils.quant.onnx_form import export_integer_onnx, export_qdq_onnx
 from kws_utils.quant.integer import (InputStage, IntegerModel, IntLayer, build_integer_model,
                                      requant_params, run_layer)
 from kws_utils.quant.onnx_read import read_integer_onnx
+from kws_utils.quant.gap import (GAP_HEADERS, LayerGap, NpuPoolGain, gap_table, layer_gap,
+                                 match_npu_pool, pool_gain)
 from kws_utils.quant.wrappers import (TINPUTinyMLPTQFxModule, TINPUTinyMLQATFxModule,
                                       TINPUTinyMLQuantFxModule, TinyMLModelQConfigFormat,
                                       quant_backend)
