@@ -1,4 +1,5 @@
-"""The fake-quant model pools as the NPU does (match_npu_pool); layer_gap finds where the two differ."""
+"""The fake-quant model computes what the integer model computes (match_integer_model); layer_gap
+finds where the two differ."""
 from __future__ import annotations
 
 import copy
@@ -28,7 +29,7 @@ def _ptq(backend: ModuleType, tiny: SimpleNamespace, npu_pool: bool) -> nn.Modul
                                              qconfig_type=quant.qconfig_for(8),
                                              example_inputs=tiny.calib[:1])
     if npu_pool:
-        quant.match_npu_pool(wrapper)
+        quant.match_integer_model(wrapper)
     return quant.calibrate(wrapper, tiny.calib)
 
 
@@ -53,8 +54,8 @@ def test_npu_pool_makes_fake_quant_predict_the_integer_model(tiny: SimpleNamespa
     wrapper = _ptq(quant, tiny, npu_pool=True)
     integer = wrapper.convert()
     rows = quant.layer_gap(wrapper, integer, tiny.x)
-    assert rows[-2].max_abs <= 1                         # the pool: at most a rounding step
-    assert rows[-1].differ < 0.01                        # the logits
+    assert all(r.max_abs <= 3 and r.differ < 0.05 for r in rows)   # rounding ties only
+    assert rows[-2].differ < 0.01 and rows[-1].differ < 0.01          # the pool and the logits
     with torch.no_grad():
         agree = (wrapper(tiny.x).argmax(1) == integer(tiny.x).argmax(1)).float().mean().item()
     assert agree >= 0.99
@@ -65,17 +66,18 @@ def test_npu_pool_changes_only_the_fake_quant_model(tiny: SimpleNamespace) -> No
     with torch.no_grad():
         assert not torch.equal(plain(tiny.x), matched(tiny.x))
     a, b = plain.convert(), matched.convert()
-    # up to the pool the integers are the same; the classifier's output range now fits its logits
-    assert [(l.op, l.mult.tolist(), l.shift.tolist()) for l in a.layers[:-1]] == \
-           [(l.op, l.mult.tolist(), l.shift.tolist()) for l in b.layers[:-1]]
-    assert b.layers[-1].output_scale > a.layers[-1].output_scale
+    pools = [[(l.op, l.mult.tolist(), l.shift.tolist()) for l in m.layers if l.op == "avgpool"] for m in (a, b)]
+    assert [l.op for l in a.layers] == [l.op for l in b.layers] and pools[0] == pools[1]
+    assert b.layers[-1].output_scale > a.layers[-1].output_scale   # the classifier's range fits
 
 
 def test_course_helpers_use_the_npu_pool(tiny: SimpleNamespace) -> None:
     wrapper = quant.ptq(tiny.net, 8, tiny.calib)
     assert any(isinstance(h, quant.NpuPoolGain) for m in wrapper.modules()
                for h in m._forward_hooks.values())
-    plain = quant.ptq(tiny.net, 8, tiny.calib, npu_pool=False)
+    assert any(isinstance(h, quant.PassThrough) for m in wrapper.modules()
+               for h in m._forward_hooks.values())
+    plain = quant.ptq(tiny.net, 8, tiny.calib, match_integer=False)
     assert not any(m._forward_hooks for m in plain.modules())
 
 

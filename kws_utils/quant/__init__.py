@@ -61,8 +61,9 @@ from kws_utils.quant.onnx_form import export_integer_onnx, export_qdq_onnx
 from kws_utils.quant.integer import (InputStage, IntegerModel, IntLayer, build_integer_model,
                                      requant_params, run_layer)
 from kws_utils.quant.onnx_read import read_integer_onnx
-from kws_utils.quant.gap import (GAP_HEADERS, LayerGap, NpuPoolGain, gap_table, layer_gap,
-                                 match_npu_pool, pool_gain)
+from kws_utils.quant.gap import (GAP_HEADERS, LayerGap, NpuPoolGain, PassThrough, gap_table,
+                                 layer_gap, match_integer_model, match_npu_pool, pool_gain,
+                                 skip_pass_through_quantizers)
 from kws_utils.quant.wrappers import (TINPUTinyMLPTQFxModule, TINPUTinyMLQATFxModule,
                                       TINPUTinyMLQuantFxModule, TinyMLModelQConfigFormat,
                                       quant_backend)

@@ -101,6 +101,49 @@ def match_npu_pool(wrapper: nn.Module, exact_pool: bool = False) -> nn.Module:
     return wrapper
 
 
+class PassThrough:
+    """Forward hook of a quantizer with no integer counterpart: its output is its input."""
+
+    def __call__(self, fq: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+        """The input unchanged (the observer still records; its scale is never used)."""
+        return inputs[0]
+
+    def __repr__(self) -> str:
+        return "PassThrough()"
+
+
+_PASS_THROUGH = (nn.Dropout, nn.Flatten, nn.Identity, nn.AdaptiveAvgPool2d)
+
+
+def skip_pass_through_quantizers(wrapper: nn.Module) -> nn.Module:
+    """Make the quantizers after Dropout, Flatten and the pool pass values through; returns the wrapper.
+
+    Both backends' integer models keep the scale of the layer before those ops, with no
+    requantization; the fake-quant model rounds again on a scale of its own (Dropout's observed in
+    train() mode, on values inflated by 1/(1-p)). A quantizer module is skipped only when every
+    use of it follows such an op.
+    """
+    graph = _graph_module(wrapper)
+    uses: dict[str, list[bool]] = {}
+    for node in graph.graph.nodes:
+        mod = graph.get_submodule(node.target) if node.op == "call_module" else None
+        if isinstance(mod, FakeQuantize):
+            prev = node.args[0] if node.args and isinstance(node.args[0], torch.fx.Node) else None
+            before = graph.get_submodule(prev.target) if prev is not None and prev.op == "call_module" else None
+            uses.setdefault(node.target, []).append(isinstance(before, _PASS_THROUGH))
+    for target, after_pass_through in uses.items():
+        mod = graph.get_submodule(target)
+        if all(after_pass_through) and not any(isinstance(h, PassThrough) for h in mod._forward_hooks.values()):
+            mod.register_forward_hook(PassThrough())
+    return wrapper
+
+
+def match_integer_model(wrapper: nn.Module, exact_pool: bool = False) -> nn.Module:
+    """``match_npu_pool`` and ``skip_pass_through_quantizers``: the fake-quant model computes what the
+    integer model computes, up to rounding ties; returns the wrapper (either backend)."""
+    return skip_pass_through_quantizers(match_npu_pool(wrapper, exact_pool))
+
+
 @dataclass
 class LayerGap:
     """One integer layer next to the fake-quant model: differences in output steps (integers)."""
