@@ -43,6 +43,9 @@ The course's own departures from TI are wrapper options, all off by default:
 (Dropout/Flatten keep their input's scale in the fake-quant model), ``exact_pool`` (an 8-bit
 pooling divisor also with power-of-2 scales), and the weight observers ``'mse'`` and
 ``'current_minmax'`` (ranges from the current weights instead of TI's running min/max).
+``match_integer_model(wrapper)`` (either backend) makes the fake-quant model compute what the
+integer model computes: the pool's 1-bit ``1/64`` for 125 positions and no re-rounding after
+Dropout/Flatten; ``layer_gap`` measures what is left, layer by layer.
 
 Numbers (TI's): weights are symmetric, ``[-(2**(b-1) - 1), 2**(b-1) - 1]`` (int8 [-127, 127],
 int4 [-7, 7], int2 ternary [-1, 1]) with one scale per output channel; activations 8-bit,
