@@ -5,9 +5,11 @@ model's multiplier width. With power-of-2 scales that width is 1 bit (TI's rule,
 course's integer model), so ``1 / 125`` becomes ``mult 1, shift 6`` = ``1 / 64``: the integer
 model's pooled values are ``125 / 64`` = 1.95 times the mean, clipped at the pool's integer range,
 and the classifier's logits grow with them. The fake-quant model of either backend computes the
-exact mean, so it calibrates and trains for the wrong inputs. ``match_npu_pool`` gives the
-fake-quant model the pool the NPU computes; ``layer_gap`` measures, layer by layer, how far the
-fake-quant activations are from the integer model's.
+exact mean, so it calibrates and trains for the wrong inputs. A second, smaller difference: the
+fake-quant model rounds again after Dropout and Flatten, on scales the integer model never uses.
+``match_integer_model`` removes both (``match_npu_pool``, ``skip_pass_through_quantizers``);
+``layer_gap`` measures, layer by layer, how far the fake-quant activations are from the integer
+model's.
 """
 from __future__ import annotations
 
