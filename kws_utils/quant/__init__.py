@@ -13,6 +13,7 @@ Modules, by concern (``kws_utils.export`` never imports this package, so there i
     agreement  side-by-side runs against TI's package (benchmarks, tests)
     integer    IntLayer, IntegerModel, build_integer_model, requantization constants
     wrappers   TINPUTinyML*FxModule, TinyMLModelQConfigFormat, quant_backend()
+    gap        the NPU's pool in the fake-quant model (match_npu_pool); fake-quant vs integer per layer
     course     helpers of notebooks 04-06 (ptq, qat, quantize_variant, ...)
 
 Workflow (both QAT and PTQ)::
@@ -42,6 +43,9 @@ The course's own departures from TI are wrapper options, all off by default:
 (Dropout/Flatten keep their input's scale in the fake-quant model), ``exact_pool`` (an 8-bit
 pooling divisor also with power-of-2 scales), and the weight observers ``'mse'`` and
 ``'current_minmax'`` (ranges from the current weights instead of TI's running min/max).
+``match_integer_model(wrapper)`` (either backend) makes the fake-quant model compute what the
+integer model computes: the pool's 1-bit ``1/64`` for 125 positions and no re-rounding after
+Dropout/Flatten; ``layer_gap`` measures what is left, layer by layer.
 
 Numbers (TI's): weights are symmetric, ``[-(2**(b-1) - 1), 2**(b-1) - 1]`` (int8 [-127, 127],
 int4 [-7, 7], int2 ternary [-1, 1]) with one scale per output channel; activations 8-bit,
@@ -60,6 +64,9 @@ from kws_utils.quant.onnx_form import export_integer_onnx, export_qdq_onnx
 from kws_utils.quant.integer import (InputStage, IntegerModel, IntLayer, build_integer_model,
                                      requant_params, run_layer)
 from kws_utils.quant.onnx_read import read_integer_onnx
+from kws_utils.quant.gap import (GAP_HEADERS, LayerGap, NpuPoolGain, PassThrough, gap_table,
+                                 layer_gap, match_integer_model, match_npu_pool, pool_gain,
+                                 skip_pass_through_quantizers)
 from kws_utils.quant.wrappers import (TINPUTinyMLPTQFxModule, TINPUTinyMLQATFxModule,
                                       TINPUTinyMLQuantFxModule, TinyMLModelQConfigFormat,
                                       quant_backend, ti_installed)
