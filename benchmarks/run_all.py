@@ -14,7 +14,7 @@ from kws_utils import config  # noqa: E402
 
 # Benchmark modules in course order; each has run() -> dict of figures.
 MODULES = ["bench_features", "bench_data", "bench_training", "bench_deploy", "bench_streaming",
-           "bench_rounding"]
+           "bench_ptq_real"]
 
 
 def cpu_name() -> str:

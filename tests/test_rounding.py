@@ -7,10 +7,15 @@ import numpy as np
 import pytest
 import torch
 
-from kws_utils import config, data, deploy, export, model, quant
+from kws_utils import config, deploy, export, model, quant, real_audio
+from kws_utils.mlperf import CHECKPOINT
 from kws_utils.quant import rounding
 
 ITERS = 40   # enough to move the rounding; the method, not the accuracy, is tested here
+REAL_ITERS = 200   # fewer than the default 500: the real-speech tests stay short
+# Measured on pool subset 0 with 200 steps: int2 nearest 8.4 %, learned 20.6 % (the goal, 75 %, is
+# not reached yet); the floors fail if learned rounding stops helping.
+INT2_FLOOR, INT4_LOSS = 0.15, 0.01
 
 
 def _net() -> model.DSCNN:
@@ -153,25 +158,50 @@ def test_ti_wrapper_gets_the_learned_integers() -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# Real data: reference DS-CNN, calibrated and reconstructed on kws01 files 0..199, scored on 200..
+# Real speech: reference DS-CNN calibrated on real non-test clips of the calibration pool, scored
+# through the integer ONNX on the official test set (4,890 clips); benchmarks/bench_ptq_real.py
+# runs the full protocol (5 subsets, default steps).
 # ----------------------------------------------------------------------------------------------
-needs_mlperf = pytest.mark.skipif(not (config.mlperf_dir() / "kws01").is_dir(),
-                                  reason="MLPerf kws01 artifacts absent")
+@functools.lru_cache(maxsize=None)
+def _real() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """(one seeded 200-clip calibration subset of the pool, test inputs, test labels), or None."""
+    test, calib = real_audio.test_set(download=False), real_audio.calibration_subsets(1, 200)
+    if test is None or not calib or not (config.mlperf_dir() / CHECKPOINT).is_file():
+        return None
+    return calib[0], *test
 
 
-@needs_mlperf
-def test_real_data_int2_survives(tmp_path) -> None:
-    x, y, _ = data.load_kws01()
-    accs = {}
-    for learn in (False, True):
-        wrapper = quant.TINPUTinyMLPTQFxModule(model.reference_model(), total_epochs=1,
-                                               qconfig_type=quant.qconfig_for(2))
-        quant.calibrate(wrapper, x[:200])
-        if learn:
-            quant.learn_rounding(wrapper, x[:200], iters=300, progress=False)
-        int_model = wrapper.convert()
-        path = wrapper.export(x[:1], tmp_path / f"int2_{learn}.onnx", input_names=["input"])
-        accs[learn], identical = quant.onnx_check(int_model, path, x[200:], y[200:])
-        assert identical
-    print(f"\nint2 via ONNX on kws01[200:]: nearest {accs[False]:.2%}, learned {accs[True]:.2%}")
-    assert accs[False] < 0.3 and accs[True] > 0.35
+def _onnx_accuracy(bits: int, iters: int, tmp_path) -> float:
+    """Integer-ONNX test accuracy of the reference weights after PTQ (learned rounding if iters)."""
+    calib, x, y = _real()
+    wrapper = quant.TINPUTinyMLPTQFxModule(model.reference_model(), total_epochs=1,
+                                           qconfig_type=quant.qconfig_for(bits))
+    quant.calibrate(wrapper, calib)
+    if iters:
+        quant.learn_rounding(wrapper, calib, iters=iters, progress=False)
+    int_model = wrapper.convert()
+    path = quant.export_integer(wrapper, tmp_path / f"int{bits}_{iters}.onnx")
+    acc, identical = quant.onnx_check(int_model, path, x, y)
+    assert identical
+    return acc
+
+
+needs_real = pytest.mark.skipif(_real() is None, reason="official test set, real calibration pool "
+                                "or MLPerf checkpoint absent")
+
+
+@needs_real
+def test_real_speech_int2_learned_rounding_beats_nearest(tmp_path) -> None:
+    nearest, learned = _onnx_accuracy(2, 0, tmp_path), _onnx_accuracy(2, REAL_ITERS, tmp_path)
+    print(f"\nint2 integer ONNX on the official test set: nearest {nearest:.2%}, learned {learned:.2%}")
+    assert nearest < 0.3 and learned > INT2_FLOOR
+
+
+@needs_real
+def test_real_speech_int4_learned_rounding_near_float(tmp_path) -> None:
+    _, x, y = _real()
+    with torch.no_grad():
+        float_acc = quant.accuracy(model.reference_model(), x, y)
+    learned = _onnx_accuracy(4, REAL_ITERS, tmp_path)
+    print(f"\nint4 integer ONNX on the official test set: learned {learned:.2%}, float {float_acc:.2%}")
+    assert learned >= float_acc - INT4_LOSS

@@ -1,0 +1,97 @@
+"""PTQ of the reference weights on real speech: round-to-nearest vs learned rounding, per bit width.
+
+Protocol (issue 18): the MLPerf reference DS-CNN, calibrated on ``SUBSETS`` seeded draws of
+``SIZE`` real non-test clips (``real_audio.calibration_subsets``, from the calibration pool),
+converted, exported to the TI integer ONNX and scored under onnxruntime on the official
+Speech Commands test set (4,890 clips, scoring only). Learned rounding is the one call
+``quant.learn_rounding(wrapper, calib)`` with its defaults. Times are wall seconds per
+calibration subset (calibration + learned rounding) with ``KWS_BENCH_THREADS`` torch threads
+(default 1); on a shared machine they vary with the load.
+Writes output/bench_ptq_real.json (atomically).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+if __name__ == "__main__":   # run as a script: make kws_utils importable from the repo root
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+
+from kws_utils import config, export, files, model, quant, real_audio
+
+SUBSETS = int(os.environ.get("KWS_BENCH_SUBSETS", "5"))
+SIZE = int(os.environ.get("KWS_BENCH_CALIB_SIZE", "200"))
+BITS = tuple(int(b) for b in os.environ.get("KWS_BENCH_BITS", "8,4,2").split(","))
+
+
+def score(bits: int, calib: torch.Tensor, learn: bool, x: torch.Tensor, y: torch.Tensor,
+          folder: Path) -> tuple[float, float]:
+    """(integer-ONNX accuracy on x, seconds of calibration + learned rounding) for one subset."""
+    wrapper = quant.TINPUTinyMLPTQFxModule(model.reference_model(), total_epochs=1,
+                                           qconfig_type=quant.qconfig_for(bits))
+    start = time.perf_counter()
+    quant.calibrate(wrapper, calib)
+    if learn:
+        quant.learn_rounding(wrapper, calib, progress=False)
+    seconds = time.perf_counter() - start
+    wrapper.convert()
+    path = quant.export_integer(wrapper, folder / f"int{bits}_{'learned' if learn else 'nearest'}.onnx")
+    logits = export.onnx_predict(path, x)
+    return float((logits.argmax(1) == y.numpy()).mean()), seconds
+
+
+def run() -> dict:
+    """Float accuracy, then mean/min integer-ONNX accuracy over the subsets per bit width and method."""
+    test, subsets = real_audio.test_set(download=False), real_audio.calibration_subsets(SUBSETS, SIZE)
+    if test is None or len(subsets) < SUBSETS:
+        return {"skipped": "official test set or real calibration pool absent"}
+    torch.set_num_threads(int(os.environ.get("KWS_BENCH_THREADS", "1")))
+    x, y = test
+    with torch.no_grad():
+        float_acc = quant.accuracy(model.reference_model(), x, y)
+    out = {"trained_on": "MLPerf reference DS-CNN (Speech Commands v0.02 train split)",
+           "calibrated_on": f"{SUBSETS} seeded subsets of {SIZE} clips of the real calibration pool",
+           "scored_on": f"{real_audio.describe_test()}, {len(y)} clips, integer ONNX (onnxruntime)",
+           "threads": torch.get_num_threads(), "float_acc": round(float_acc, 4), "results": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        for bits in BITS:
+            for learn in (False, True):
+                runs = [score(bits, calib, learn, x, y, Path(tmp)) for calib in subsets]
+                accs = [a for a, _ in runs]
+                key = f"int{bits}_{'learned' if learn else 'nearest'}"
+                out["results"][key] = {"accs": [round(a, 4) for a in accs],
+                                       "mean": round(sum(accs) / len(accs), 4),
+                                       "min": round(min(accs), 4),
+                                       "seconds_per_subset": round(sum(s for _, s in runs) / len(runs), 1)}
+                print(f"{key}: {out['results'][key]}", flush=True)
+    return out
+
+
+def table(out: dict) -> str:
+    """The results as a plain-text table."""
+    lines = [f"float: {out['float_acc']:.2%}  ({out['scored_on']})",
+             f"{'weights / PTQ':<18}{'mean':>9}{'min':>9}{'s/subset':>10}"]
+    for key, r in out["results"].items():
+        lines.append(f"{key:<18}{r['mean']:>9.2%}{r['min']:>9.2%}{r['seconds_per_subset']:>10.1f}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    """Run, print the table and write output/bench_ptq_real.json."""
+    out = run()
+    print(table(out) if "results" in out else out)
+    target = config.output_dir() / "bench_ptq_real.json"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with files.atomic_path(target) as tmp:
+        tmp.write_text(json.dumps(out, indent=2))
+    print(f"written to {target}")
+
+
+if __name__ == "__main__":
+    main()
