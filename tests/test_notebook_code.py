@@ -1,7 +1,8 @@
-"""The code taught in notebooks 01-03 and the package's code give the same results.
+"""The code taught in notebooks 01-04 and the package's code give the same results.
 
 Each taught cell starts with a marker comment, ``# kws-code: <name>``. The test reads the cells with
-nbformat, executes them on small inputs, and compares with kws_utils.features, .model and .training.
+nbformat, executes them on small inputs, and compares with kws_utils.features, .model, .training and the
+quantization export (notebook 04: one layer converted to integers by hand).
 """
 from __future__ import annotations
 
