@@ -166,15 +166,18 @@ def integer_module(wrapper: TINPUTinyMLQuantFxModule) -> nn.Module:
 @contextlib.contextmanager
 def _quiet_exporter() -> Iterator[None]:
     """Silence torch's ONNX exporter chatter (opset notes, deprecation warnings) for one export."""
-    logger = logging.getLogger("torch.onnx")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+    # onnxscript's version converter logs a warning of its own for every export TI's package makes
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "onnxscript")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
             yield
     finally:
-        logger.setLevel(level)
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 def export_integer(wrapper: TINPUTinyMLQuantFxModule, path: str | Path,
