@@ -7,8 +7,12 @@ nothing is started and only the command for a terminal is printed.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import shlex
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from kws_utils import config
@@ -28,11 +32,52 @@ def frontend() -> str:
     return "jupyter" if shell is not None and hasattr(shell, "kernel") else "none"
 
 
+_served: dict[str, tuple[str, int]] = {}   # the one server this module started, by role
+
+
+@contextlib.contextmanager
+def _quiet_netron() -> Iterator[None]:
+    """Keep Netron's INFO lines ("Serving ...", "Stopping ...") out of the notebook's stderr."""
+    root, netron_log = logging.getLogger(), logging.getLogger("netron.server")
+    # netron configures the root logger (to stderr) when it has no handler: give it a silent one
+    quiet, level = logging.NullHandler(), netron_log.level
+    root.addHandler(quiet)
+    netron_log.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        root.removeHandler(quiet)
+        netron_log.setLevel(level)
+
+
 def serve(path: str | Path) -> tuple[str, int]:
-    """Start Netron's server for ``path`` in the background (no browser); return (host, port)."""
+    """Serve ``path`` with Netron in the background (no browser); return (host, port).
+
+    Re-running a notebook cell replaces the previous server instead of adding one per run, and
+    the address is printed on stdout (Netron would log it to stderr).
+    """
     import netron   # imported here: only the interactive path needs it
 
-    return netron.start(str(path), browse=False)
+    stop()
+    with _quiet_netron():
+        address = netron.start(str(path), browse=False)
+    _served["viewer"] = address
+    print(f"Netron is serving {Path(path).name} at http://{address[0]}:{address[1]}")
+    return address
+
+
+def stop(timeout: float = 5.0) -> None:
+    """Stop the Netron server that ``serve`` started last (if any) and wait until it is down."""
+    address = _served.pop("viewer", None)
+    if address is None:
+        return
+    import netron
+
+    with _quiet_netron():
+        netron.stop(address)
+    deadline = time.monotonic() + timeout
+    while netron.status(address) and time.monotonic() < deadline:
+        time.sleep(0.05)   # its thread notices the stop request within 0.25 s
 
 
 def show_netron(path: str | Path, height: int = 600) -> tuple[str, int] | None:

@@ -1,7 +1,8 @@
-"""The code taught in notebooks 01-03 and the package's code give the same results.
+"""The code taught in notebooks 01-04 and the package's code give the same results.
 
 Each taught cell starts with a marker comment, ``# kws-code: <name>``. The test reads the cells with
-nbformat, executes them on small inputs, and compares with kws_utils.features, .model and .training.
+nbformat, executes them on small inputs, and compares with kws_utils.features, .model, .training and the
+quantization export (notebook 04: one layer converted to integers by hand).
 """
 from __future__ import annotations
 
@@ -118,3 +119,39 @@ def test_notebook03_plain_loop_matches_train_epoch(dropout_p: float | None) -> N
     assert moved > 1e-3, "the epoch should change the weights, or the comparison proves nothing"
     for name in state_b:
         torch.testing.assert_close(state_a[name], state_b[name], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["course", "ti"])
+def test_notebook04_one_layer_by_hand_is_the_export(backend: str, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    import copy
+
+    from kws_utils import deploy, quant
+
+    if backend == "ti" and not quant.ti_installed():
+        pytest.skip("TI's tinyml_torchmodelopt is not installed")
+    monkeypatch.setenv("KWS_QUANT_BACKEND", backend)
+    (source,) = marked_cells("04_qat_vs_ptq.ipynb", "int_layer")
+    torch.manual_seed(0)
+    net = model.DSCNN().train()
+    with torch.no_grad():   # BatchNorm statistics that are not the identity
+        for _ in range(3):
+            net(torch.randn(64, *config.INPUT_SHAPE))
+    x = torch.randn(200, *config.INPUT_SHAPE)
+    ptq = quant.quant_backend().TINPUTinyMLPTQFxModule(net.eval(), total_epochs=1, qconfig_type=None,
+                                                       example_inputs=x[:1])
+    with torch.no_grad():
+        ptq.train()
+        ptq(x)
+    ptq.eval()
+    ptq_fq = copy.deepcopy(ptq)
+    ptq.convert()
+    path = quant.export_integer(ptq, tmp_path / "ptq.onnx", x)
+    ns = run_cells([source], {"torch": torch, "ptq_fq": ptq_fq})
+    layer = next(l for l in deploy.load_integer_onnx(path).layers if l.name == "pointwise2")
+    np.testing.assert_array_equal(ns["w_int"].numpy(), layer.weight)
+    np.testing.assert_array_equal(ns["mult"].numpy(), layer.mult)
+    np.testing.assert_array_equal(ns["shift"].numpy(), layer.shift)
+    file_offset = layer.offset + (0 if layer.bias is None else layer.bias)
+    np.testing.assert_array_equal(ns["offset"].numpy(), file_offset)
+    assert np.abs(ns["b_int"].numpy()).max() > 2 * (2.0 ** (layer.shift - 1)).max(), "the bias should matter"

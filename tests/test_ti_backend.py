@@ -33,7 +33,8 @@ def tiny() -> SimpleNamespace:
     y = torch.randint(0, len(config.LABELS), (96,))
     feats = SimpleNamespace(train_views=[x[:64], x[:64] + 1], train_y=y[:64], val_x=x[64:80],
                             val_y=y[64:80], test_x=x[80:], test_y=y[80:], source="synthetic")
-    prof = SimpleNamespace(qat_epochs=2, qat_lr=0.01, batch_size=16, calib_clips=16)
+    prof = SimpleNamespace(qat_epochs=2, qat_lr=0.01, batch_size=16, calib_clips=16, epochs=4, lr=1.0,
+                           qat_epochs_cap=2)   # the settings the QAT cell prints
     return SimpleNamespace(net=net, feats=feats, prof=prof, calib_x=x[64:80])
 
 

@@ -1,6 +1,7 @@
 """The Netron helper: embeds where a front end can show it, prints the command everywhere."""
 from __future__ import annotations
 
+import threading
 import urllib.request
 from pathlib import Path
 
@@ -50,3 +51,24 @@ def test_serve_really_serves_the_viewer(onnx_file: Path) -> None:
             assert page.status == 200 and b"netron" in page.read().lower()
     finally:
         netron.stop((host, port))
+
+
+def live_servers() -> int:
+    """Netron server threads still running in this process."""
+    return sum(type(t).__name__ == "_HTTPServerThread" and t.alive() for t in threading.enumerate())
+
+
+def test_serving_again_replaces_the_server_and_logs_to_stdout(onnx_file: Path,
+                                                              capfd: pytest.CaptureFixture[str]) -> None:
+    import netron
+
+    first = viewer.serve(onnx_file)
+    try:
+        second = viewer.serve(onnx_file)
+        assert live_servers() == 1, "the second call should have stopped the first server"
+        assert netron.status(second) and (first == second or not netron.status(first))
+        out, err = capfd.readouterr()
+        assert "Serving" not in err and out.count("Netron is serving dscnn graph.onnx") == 2
+    finally:
+        viewer.stop()
+    assert live_servers() == 0
