@@ -103,3 +103,29 @@ def test_notebook03_loop_is_train_epoch() -> None:
     assert loss_a == pytest.approx(loss_b, abs=1e-6) and acc_a == acc_b
     for name in state_b:
         torch.testing.assert_close(state_a[name], state_b[name], rtol=0, atol=1e-6)
+
+
+def test_notebook05_learned_rounding_loop_is_the_package_loop() -> None:
+    from kws_utils.quant import rounding
+
+    (source,) = marked_cells("05_int8_int4_int2_export.ipynb", "learned_rounding")
+    ns = run_cells([source], {})
+    gen = torch.Generator().manual_seed(0)
+    layer = nn.Linear(16, 4)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(4, 16, generator=gen) * 0.3)
+    x = torch.randn(64, 16, generator=gen)
+    target = layer(x).detach() + 0.01 * torch.randn(64, 4, generator=gen)
+    weight, bias = layer.weight.detach().clone(), layer.bias.detach().clone()
+    minmax = weight.abs().amax(1, keepdim=True) / 1.0   # ternary: qmax = 1
+    layer.weight_fake_quant = SimpleNamespace(scale=minmax.reshape(-1).clone(), quant_min=-1, quant_max=1)
+    start = ns["mse_scale"](weight, minmax, -1, 1)
+    torch.testing.assert_close(start, rounding._weight_mse_scale(weight, minmax, -1, 1), rtol=0, atol=0)
+    q, scale, new_bias = ns["learn_layer_rounding"](weight, bias, start, -1, 1, x, target, iters=60, seed=3)
+    bar = SimpleNamespace(update=lambda n: None)
+    ((q_pkg, scale_pkg, bias_pkg),) = rounding._learn_block([layer], x, target, 60, 32, 1e-2, 0.01,
+                                                            torch.Generator().manual_seed(3), bar)
+    assert torch.equal(q, q_pkg)
+    torch.testing.assert_close(scale.reshape(-1), scale_pkg.reshape(-1), rtol=1e-6, atol=0)
+    torch.testing.assert_close(new_bias, bias_pkg, rtol=1e-6, atol=1e-7)
+    assert not torch.equal(q, torch.clamp(torch.round(weight / start), -1, 1)), "nothing was learned"

@@ -165,16 +165,19 @@ def integer_module(wrapper: TINPUTinyMLQuantFxModule) -> nn.Module:
 
 @contextlib.contextmanager
 def _quiet_exporter() -> Iterator[None]:
-    """Silence torch's ONNX exporter chatter (opset notes, deprecation warnings) for one export."""
-    logger = logging.getLogger("torch.onnx")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+    """Silence the ONNX exporters' chatter (opset notes, deprecation warnings) for one export."""
+    # onnxscript logs "version conversion is not supported ... fallback" on every TI export: noise
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "onnxscript")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
             yield
     finally:
-        logger.setLevel(level)
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 def export_integer(wrapper: TINPUTinyMLQuantFxModule, path: str | Path,
