@@ -155,3 +155,29 @@ def test_notebook04_one_layer_by_hand_is_the_export(backend: str, tmp_path: Path
     file_offset = layer.offset + (0 if layer.bias is None else layer.bias)
     np.testing.assert_array_equal(ns["offset"].numpy(), file_offset)
     assert np.abs(ns["b_int"].numpy()).max() > 2 * (2.0 ** (layer.shift - 1)).max(), "the bias should matter"
+
+
+def test_notebook05_learned_rounding_loop_is_the_package_loop() -> None:
+    from kws_utils.quant import rounding
+
+    (source,) = marked_cells("05_int8_int4_int2_export.ipynb", "learned_rounding")
+    ns = run_cells([source], {})
+    gen = torch.Generator().manual_seed(0)
+    layer = nn.Linear(16, 4)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(4, 16, generator=gen) * 0.3)
+    x = torch.randn(64, 16, generator=gen)
+    target = layer(x).detach() + 0.01 * torch.randn(64, 4, generator=gen)
+    weight, bias = layer.weight.detach().clone(), layer.bias.detach().clone()
+    minmax = weight.abs().amax(1, keepdim=True) / 1.0   # ternary: qmax = 1
+    layer.weight_fake_quant = SimpleNamespace(scale=minmax.reshape(-1).clone(), quant_min=-1, quant_max=1)
+    start = ns["mse_scale"](weight, minmax, -1, 1)
+    torch.testing.assert_close(start, rounding._weight_mse_scale(weight, minmax, -1, 1), rtol=0, atol=0)
+    q, scale, new_bias = ns["learn_layer_rounding"](weight, bias, start, -1, 1, x, target, iters=60, seed=3)
+    bar = SimpleNamespace(update=lambda n: None)
+    ((q_pkg, scale_pkg, bias_pkg),) = rounding._learn_block([layer], x, target, 60, 32, 1e-2, 0.01,
+                                                            torch.Generator().manual_seed(3), bar)
+    assert torch.equal(q, q_pkg)
+    torch.testing.assert_close(scale.reshape(-1), scale_pkg.reshape(-1), rtol=1e-6, atol=0)
+    torch.testing.assert_close(new_bias, bias_pkg, rtol=1e-6, atol=1e-7)
+    assert not torch.equal(q, torch.clamp(torch.round(weight / start), -1, 1)), "nothing was learned"
