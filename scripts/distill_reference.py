@@ -143,7 +143,8 @@ def main() -> None:
             **score(ptq, f"reference_int{bits}_ptq", test)}
         print(f"int{bits} learned-rounding PTQ: {baselines[f'int{bits}_learned_rounding_ptq']}", flush=True)
         runs.append(distil(teacher, init, bits, views, (val_x, val_y), test, schedule, args.temperature))
-    result = {"teacher": "MLPerf Tiny reference DS-CNN (float)",
+    result = {"teacher": "MLPerf Tiny reference DS-CNN (float)", "profile": config.profile().name,
+              "rounding_iters": config.profile().rounding_iters,
               "float_real_test_accuracy": quant.accuracy(teacher, *test),
               "trained_on": f"unlabelled: synthetic {args.synthetic} training views ({len(views)} x "
                             f"{len(views[0]) - len(extra)}), real calibration pool ({len(pool_train)} clips x 4), "

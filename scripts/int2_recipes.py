@@ -117,6 +117,7 @@ def baselines(model: nn.Module, feats: training.FeatureSets,
     start = time.perf_counter()
     ptq = quant.ptq_learned(model, BITS, calib_x, progress=False)
     seconds = time.perf_counter() - start
+    print(f"learned-rounding PTQ: {seconds:.0f} s", flush=True)
     return {"float_test_accuracy": quant.accuracy(model, feats.test_x, feats.test_y),
             "float_real_test_accuracy": real_float,
             "learned_rounding_ptq": {"seconds": round(seconds, 1),
@@ -143,11 +144,12 @@ def main() -> None:
               "trained_on": f"{info.kind} training split", "calibrated_on": f"{info.kind} validation split",
               "scored_on": [f"{info.kind} test split", real_audio.describe_test() if real else None],
               "torch_threads": torch.get_num_threads(), "machine": platform.machine(),
-              **baselines(model, feats, real, calib_x),
-              "recipes": [run_recipe(r, model, feats, real, calib_x, epochs, config.qat_lr_for(BITS, prof),
-                                     prof.batch_size) for r in chosen]}
+              **baselines(model, feats, real, calib_x), "recipes": []}
     path = results_path(prof.name, info.kind)
-    files.write_text(path, json.dumps(result, indent=1))
+    for recipe in chosen:   # the file is rewritten after each recipe: a long run keeps what it did
+        result["recipes"].append(run_recipe(recipe, model, feats, real, calib_x, epochs,
+                                            config.qat_lr_for(BITS, prof), prof.batch_size))
+        files.write_text(path, json.dumps(result, indent=1))
     print(f"wrote {path}")
 
 
