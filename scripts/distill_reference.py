@@ -37,9 +37,9 @@ NOISE_CROPS = 600          # 1-s crops of the real background-noise recordings
 VAL_FRACTION = 0.25        # of the pool, held out for validation (labels used only to score it)
 
 
-def results_path() -> Path:
-    """Where the distillation results are saved."""
-    return config.output_dir() / "distill_reference.json"
+def results_path(name: str = "distill_reference") -> Path:
+    """Where the distillation results of a run called ``name`` are saved."""
+    return config.output_dir() / f"{name}.json"
 
 
 def noise_inputs(n: int, seed: int = config.SEED) -> torch.Tensor:
@@ -97,7 +97,7 @@ def learned_ptq(teacher: nn.Module, bits: int, calib_x: torch.Tensor) -> tuple[n
 
 def distil(teacher: nn.Module, init: nn.Module, bits: int, views: list[torch.Tensor],
            val: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tensor, torch.Tensor],
-           schedule: distill.Schedule, temperature: float) -> dict:
+           schedule: distill.Schedule, temperature: float, run: str) -> dict:
     """Label-free distillation from ``init``, ONNX score on the official test set."""
     start = time.perf_counter()
     wrapper = distill.qat_wrapper(init, bits, schedule.epochs)
@@ -107,7 +107,7 @@ def distil(teacher: nn.Module, init: nn.Module, bits: int, views: list[torch.Ten
            "freeze_bn_epoch": schedule.freeze_bn_epoch, "warmup_epochs": schedule.warmup_epochs,
            "start": "learned-rounding PTQ", "backend": type(wrapper).__module__,
            "val_acc": history.val_acc, "seconds": round(time.perf_counter() - start, 1),
-           **score(wrapper, f"reference_int{bits}_distilled", test)}
+           **score(wrapper, f"{run}_int{bits}_distilled", test)}
     print(f"int{bits} distilled: val {[round(a, 4) for a in history.val_acc]}, "
           f"official test (ONNX) {out['onnx_real_test_accuracy']:.2%}, {out['seconds']} s", flush=True)
     return out
@@ -122,6 +122,7 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=4.0)
     parser.add_argument("--synthetic", default="ci", help="profile whose synthetic views to use")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--name", default="distill_reference", help="names this run's JSON and ONNX files")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     test = real_audio.test_set(download=False)
@@ -140,9 +141,10 @@ def main() -> None:
         ptq.convert()
         baselines[f"int{bits}_learned_rounding_ptq"] = {
             "seconds": round(time.perf_counter() - t0, 1), "val_acc": val_acc,
-            **score(ptq, f"reference_int{bits}_ptq", test)}
+            **score(ptq, f"{args.name}_int{bits}_ptq", test)}
         print(f"int{bits} learned-rounding PTQ: {baselines[f'int{bits}_learned_rounding_ptq']}", flush=True)
-        runs.append(distil(teacher, init, bits, views, (val_x, val_y), test, schedule, args.temperature))
+        runs.append(distil(teacher, init, bits, views, (val_x, val_y), test, schedule, args.temperature,
+                           args.name))
     result = {"teacher": "MLPerf Tiny reference DS-CNN (float)", "profile": config.profile().name,
               "rounding_iters": config.profile().rounding_iters,
               "float_real_test_accuracy": quant.accuracy(teacher, *test),
@@ -154,8 +156,8 @@ def main() -> None:
               "scored_on": real_audio.describe_test(), "test_clips": len(test[1]),
               "torch_threads": torch.get_num_threads(), "machine": platform.machine(),
               **baselines, "distilled": runs}
-    files.write_text(results_path(), json.dumps(result, indent=1))
-    print(f"wrote {results_path()}")
+    files.write_text(results_path(args.name), json.dumps(result, indent=1))
+    print(f"wrote {results_path(args.name)}")
 
 
 if __name__ == "__main__":
