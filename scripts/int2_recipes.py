@@ -5,7 +5,7 @@ convert(), export()) and is scored through the exported integer ONNX under onnxr
 dataset's test split and, when available, the official real test set (scoring only). Learned-
 rounding PTQ (quant.ptq_learned) is the baseline to beat.
 
-    KWS_PROFILE=ci python scripts/int2_recipes.py                 # minutes on the CI profile
+    KWS_PROFILE=ci python scripts/int2_recipes.py --epochs 4      # ~10 min per recipe on a busy 2-core CPU
     python scripts/int2_recipes.py --only "TI's plain recipe" ...  # a subset, by name
 
 Writes output/int2_recipes/<profile>_<dataset>.json (see results_path).

@@ -11,6 +11,11 @@ The student is a QAT wrapper of either backend (``quant_backend()``: TI's
 - BatchNorm statistics frozen from a chosen epoch (``freeze_bn_stats``, works on both backends);
 - a linear learning-rate warm-up over the first steps, then TI's cosine per epoch.
 
+All of it runs on TI's own ``TINPUTinyMLQATFxModule`` (KWS_QUANT_BACKEND=ti): the loss and the
+schedule live outside the wrapper, BatchNorm is frozen with torch's ``freeze_bn_stats`` on its
+fused layers, and the learned-rounding start is a plain float model (made with the course's PTQ
+wrapper) that TI's wrapper then wraps.
+
 Usage::
 
     wrapper = TINPUTinyMLQATFxModule(student, total_epochs=5, qconfig_type=qconfig_for(2), ...)
