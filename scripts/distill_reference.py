@@ -61,7 +61,7 @@ def synthetic_views(profile: str) -> list[torch.Tensor]:
     """The cached augmented training views of one profile's synthetic dataset (no labels used)."""
     folders = sorted((config.data_root() / "feature_cache").glob(
         f"synthetic_synthetic_speech_commands_{profile}_*"))
-    views = sorted(folders[0].glob("train_view*.pt")) if folders else []
+    views = sorted(folders[0].glob("train_view*.pt")) if folders else []   # one view per epoch
     if not views:
         raise FileNotFoundError(f"no cached synthetic training views of profile {profile!r} under "
                                 f"{config.data_root() / 'feature_cache'}: run notebook 02 with KWS_PROFILE={profile}.")
@@ -120,7 +120,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--lr", type=float, default=0.005, help="peak lr (TI's QAT lr: 0.5 / 100)")
     parser.add_argument("--temperature", type=float, default=4.0)
-    parser.add_argument("--synthetic", default="ci", help="profile whose synthetic views to use")
+    parser.add_argument("--synthetic", default="ci", help="profile whose synthetic views to use, or 'none' (real pool and noise only)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--name", default="distill_reference", help="names this run's JSON and ONNX files")
     args = parser.parse_args()
@@ -131,7 +131,8 @@ def main() -> None:
     teacher = kws_model.reference_model()
     pool_train, val_x, val_y = split_pool()
     extra = torch.cat([pool_train.repeat(4, 1, 1, 1), noise_inputs(NOISE_CROPS)])  # real audio x 4
-    views = [torch.cat([v, extra]) for v in synthetic_views(args.synthetic)]
+    views = ([extra] if args.synthetic == "none"
+             else [torch.cat([v, extra]) for v in synthetic_views(args.synthetic)])
     schedule = distill.Schedule(args.epochs, args.lr, 100, warmup_epochs=0.5, freeze_bn_epoch=0)
     runs, baselines = [], {}
     for bits in args.bits:
