@@ -1,0 +1,124 @@
+"""Distillation QAT (kws_utils.quant.distill) and the int2 recipe comparison's core function."""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from kws_utils import config, holdout, model, tinpu_onnx, training
+from kws_utils.errors import InputError
+from kws_utils.quant import distill, qconfig, rounding, wrappers
+from kws_utils.quant import course
+
+_HAS_TI = importlib.util.find_spec("tinyml_torchmodelopt") is not None
+SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+
+
+def _teacher() -> model.DSCNN:
+    """A random DS-CNN with non-trivial BatchNorm statistics (eval mode)."""
+    torch.manual_seed(0)
+    net = model.DSCNN()
+    net.train()
+    with torch.no_grad():
+        net(torch.randn(64, *config.INPUT_SHAPE))
+        net.fc6.weight.mul_(30.0)   # confident logits, so that the student has something to learn
+    return net.eval()
+
+
+def _kl(wrapper: torch.nn.Module, teacher: torch.nn.Module, x: torch.Tensor) -> float:
+    """The distillation loss of ``wrapper`` (eval mode) on ``x``."""
+    wrapper.eval()
+    with torch.no_grad():
+        return distill.KDLoss()(wrapper(x), distill.teacher_logits(teacher, x)).item()
+
+
+def test_kd_loss_is_zero_for_identical_logits_and_adds_cross_entropy() -> None:
+    logits = torch.randn(8, 12)
+    labels = logits.argmax(1)
+    assert distill.KDLoss()(logits, logits).item() == pytest.approx(0.0, abs=1e-6)
+    mixed = distill.KDLoss(ce_weight=1.0)(logits, logits, labels).item()
+    assert mixed == pytest.approx(torch.nn.functional.cross_entropy(logits, labels).item(), rel=1e-5)
+
+
+def test_schedule_warms_up_then_follows_cosine_per_epoch() -> None:
+    s = distill.Schedule(epochs=4, lr=1.0, warmup_epochs=1.0)
+    assert s.lr_at(0, 0, 10) == pytest.approx(0.1)
+    assert s.lr_at(0, 9, 10) == pytest.approx(1.0)
+    assert s.lr_at(2, 0, 10) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("backend", ["course", pytest.param("ti", marks=pytest.mark.skipif(
+    not _HAS_TI, reason="TI's tinyml_torchmodelopt is not installed"))])
+def test_distillation_lowers_kl_and_keeps_the_tinpu_form(backend, monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("KWS_QUANT_BACKEND", backend)
+    teacher = _teacher()
+    x = torch.randn(64, *config.INPUT_SHAPE)
+    wrapper = distill.qat_wrapper(teacher, 2, epochs=4)
+    assert course.is_ti(wrapper) == (backend == "ti")
+    before = _kl(wrapper, teacher, x)
+    history = distill.distill_fit(wrapper, teacher, [x], distill.Schedule(4, 0.05, 32, 0.5, 0),
+                                  val=(x, torch.zeros(64, dtype=torch.long)))
+    assert len(history.val_acc) == 4
+    assert _kl(wrapper, teacher, x) < 0.8 * before
+    wrapper.convert()
+    path = course.export_integer(wrapper, tmp_path / "int2.onnx")
+    npu = tinpu_onnx.load_integer_onnx(path, weight_bits=2)
+    weights = [layer.weight for layer in npu.layers if layer.weight is not None]
+    assert len(weights) == 10 and all(np.abs(w).max() <= 1 for w in weights)
+
+
+def test_distillation_refuses_test_inputs() -> None:
+    x = torch.randn(4, *config.INPUT_SHAPE) + 123.0
+    holdout.register_test_inputs(x, "test_distill fake test set")
+    wrapper = distill.qat_wrapper(model.DSCNN().eval(), 2, epochs=1)
+    with pytest.raises(InputError, match="test inputs"):
+        distill.distill_fit(wrapper, model.DSCNN(), [x], distill.Schedule(1, 0.01))
+
+
+def test_float_from_wrapper_restores_the_model_it_wrapped() -> None:
+    teacher = _teacher()
+    wrapper = wrappers.TINPUTinyMLPTQFxModule(teacher, total_epochs=1, qconfig_type=qconfig.qconfig_for(2),
+                                              example_inputs=torch.zeros(1, *config.INPUT_SHAPE))
+    back = distill.float_from_wrapper(wrapper, model.DSCNN())
+    for key, value in teacher.state_dict().items():
+        assert torch.equal(back.state_dict()[key], value), key
+
+
+def test_rounded_start_rounds_to_the_learned_integers() -> None:
+    teacher = _teacher()
+    calib = torch.randn(64, *config.INPUT_SHAPE)
+    start = distill.rounded_start(teacher, 2, calib, iters=5)
+    wrapper = wrappers.TINPUTinyMLPTQFxModule(start, total_epochs=1, qconfig_type=qconfig.qconfig_for(2),
+                                              example_inputs=torch.zeros(1, *config.INPUT_SHAPE))
+    course.calibrate(wrapper, calib)
+    for name, mod in rounding.weighted_layers(wrapper.module):
+        folded = rounding._folded(mod)[0]
+        scale = mod.weight_fake_quant.scale.reshape([-1] + [1] * (folded.dim() - 1))
+        q = rounding.integer_weight(mod)
+        # on the 2-bit grid: the start's float weights are the learned integers times the scale
+        assert q.abs().max() <= 1 and (q != 0).any(), name
+        torch.testing.assert_close(folded, q.float() * scale, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_int2_recipe_runs_end_to_end(monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("KWS_OUTPUT", str(tmp_path))
+    monkeypatch.setenv("KWS_QUANT_BACKEND", "course")
+    monkeypatch.setenv("KWS_PROFILE", "ci")   # 100 learned-rounding steps per layer
+    sys.path.insert(0, str(SCRIPTS))
+    recipes = importlib.import_module("int2_recipes")
+    torch.manual_seed(1)
+    x = [torch.randn(60, *config.INPUT_SHAPE)]
+    y = torch.randint(0, 12, (60,))
+    feats = training.FeatureSets("synthetic", x, y, torch.randn(20, *config.INPUT_SHAPE),
+                                 torch.randint(0, 12, (20,)), torch.randn(20, *config.INPUT_SHAPE),
+                                 torch.randint(0, 12, (20,)))
+    recipe = recipes.Recipe("tiny", kd_temperature=4.0, rounded_start=True, freeze_bn_epoch=0)
+    out = recipes.run_recipe(recipe, _teacher(), feats, None, feats.val_x, 3, 0.01, 20)
+    assert len(out["val_acc"]) == 3 and isinstance(out["converged"], bool)
+    assert out["onnx_identical_to_torch"] and 0 <= out["onnx_test_accuracy"] <= 1
+    assert (tmp_path / "int2_recipes" / "onnx" / out["onnx"]).is_file()
+    assert recipes.converged([0.5, 0.9, 0.905, 0.899]) and not recipes.converged([0.9, 0.8, 0.9])
