@@ -35,6 +35,7 @@ def score(bits: int, calib: torch.Tensor, learn: bool, x: torch.Tensor, y: torch
     """(integer-ONNX accuracy on x, seconds of calibration + learned rounding) for one subset."""
     wrapper = quant.TINPUTinyMLPTQFxModule(model.reference_model(), total_epochs=1,
                                            qconfig_type=quant.qconfig_for(bits))
+    quant.match_integer_model(wrapper)   # learn on the network the integer model computes
     start = time.perf_counter()
     quant.calibrate(wrapper, calib)
     if learn:
