@@ -10,6 +10,14 @@ from bad_input_sweep import Case, Ctx, cases, run_case
 CASES = cases()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def course_backend() -> None:
+    """The sweep checks the course's own functions: kws_utils.quant, whatever KWS_QUANT_BACKEND says."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("KWS_QUANT_BACKEND", "course")
+        yield
+
+
 @pytest.fixture(scope="module")
 def ctx(tmp_path_factory: pytest.TempPathFactory) -> Ctx:
     """One scratch root (and shared ONNX files) for the whole table."""
