@@ -60,7 +60,7 @@ course: setup
 # TI's package where it is installed: KWS_QUANT_BACKEND=auto); then the quantization notebooks
 # again on the course's stand-in kws_utils.quant, so both backends run them.
 test: setup
-	KWS_PROFILE=ci KWS_DATASET=$${KWS_DATASET:-synthetic} $(BIN)/python -m pytest -q \
+	KWS_PROFILE=ci KWS_DATASET=$${KWS_DATASET:-synthetic} $(BIN)/python -m pytest -q --durations=15 \
 	  --nbval-lax --nbval-current-env --nbval-cell-timeout=1800 tests notebooks
 	@if $(HAS_TI); then \
 	  echo "== notebooks 04-06 again on the course's kws_utils.quant (KWS_QUANT_BACKEND=course)"; \
