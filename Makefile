@@ -58,13 +58,14 @@ course: setup
 
 # Unit tests, then every notebook under nbval on the small CI profile and the offline dataset (on
 # TI's package where it is installed: KWS_QUANT_BACKEND=auto); then the quantization notebooks
-# again on the course's stand-in kws_utils.quant, so both backends run them.
+# again on the course's stand-in kws_utils.quant, so both backends run them. The second pass skips
+# the cells tagged both-backends, which run both packages anyway (notebooks/conftest.py).
 test: setup
 	KWS_PROFILE=ci KWS_DATASET=$${KWS_DATASET:-synthetic} $(BIN)/python -m pytest -q --durations=15 \
 	  --nbval-lax --nbval-current-env --nbval-cell-timeout=1800 tests notebooks
 	@if $(HAS_TI); then \
 	  echo "== notebooks 04-06 again on the course's kws_utils.quant (KWS_QUANT_BACKEND=course)"; \
-	  KWS_QUANT_BACKEND=course KWS_PROFILE=ci KWS_DATASET=$${KWS_DATASET:-synthetic} $(BIN)/python -m pytest -q \
+	  KWS_NBVAL_SECOND_PASS=1 KWS_QUANT_BACKEND=course KWS_PROFILE=ci KWS_DATASET=$${KWS_DATASET:-synthetic} $(BIN)/python -m pytest -q \
 	    --nbval-lax --nbval-current-env --nbval-cell-timeout=1800 $(QUANT_NOTEBOOKS); \
 	else \
 	  echo "TI's tinyml_torchmodelopt is not installed: notebooks 04-06 ran on kws_utils.quant only."; \

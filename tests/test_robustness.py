@@ -158,9 +158,11 @@ def test_ctrl_c_stops_generation_and_leaves_no_marker(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-c", code], env=env, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
-    # Wait until clips are being written into the work folder, then press Ctrl-C.
-    while not any(tmp_path.glob("*/[a-z]*/*.wav")):    # word clips, rendered by espeak
-        assert proc.poll() is None and time.monotonic() < deadline
+    # Wait until clips are being written into the (hidden, dot-named) work folder, then press
+    # Ctrl-C; glob's "*" skips dot-names, so the work folder is named by its prefix.
+    while not any(tmp_path.glob(f"{files.TEMP_PREFIX}*/[a-z]*/*.wav")):   # word clips, by espeak
+        assert proc.poll() is None, "generation finished before any clip was seen in its work folder"
+        assert time.monotonic() < deadline
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
     sent = time.monotonic()
