@@ -447,3 +447,16 @@ def test_reading_a_float_onnx_says_it_is_not_integer(tmp_path) -> None:
     path = export.export_onnx(model.DSCNN().eval(), tmp_path / "float.onnx")
     with pytest.raises(ValueError, match="not a TINPU integer model"):
         quant.read_integer_onnx(path)
+
+
+def test_diverging_qat_stops_with_a_clear_error() -> None:
+    from types import SimpleNamespace
+    from kws_utils import training
+    from kws_utils.errors import TrainingDiverged
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, *config.INPUT_SHAPE, generator=g) * 1e3
+    feats = SimpleNamespace(train_views=[x], train_y=torch.arange(40) % 12, val_x=x[:8], val_y=torch.arange(8))
+    wrapper = quant.TINPUTinyMLQATFxModule(model.DSCNN(), total_epochs=1, qconfig_type=quant.qconfig_for(2),
+                                           example_inputs=torch.zeros(1, *config.INPUT_SHAPE))
+    with pytest.raises(TrainingDiverged, match="int2_qat_lr"):   # not a NaN model handed to convert()
+        quant.qat_fit(wrapper, feats, epochs=1, lr=1e12, batch_size=10, generator=training.set_seed(0))

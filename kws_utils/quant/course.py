@@ -21,7 +21,7 @@ from torch.ao.quantization import FakeQuantize
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from kws_utils import config, export as kws_export, files, holdout, tinpu_onnx, training
-from kws_utils.errors import InputError
+from kws_utils.errors import InputError, TrainingDiverged
 from kws_utils.quant.gap import match_integer_model
 from kws_utils.quant.observers import ceil_power2
 from kws_utils.quant.qconfig import WEIGHT_BITS, qconfig_for
@@ -146,6 +146,11 @@ def qat_fit(wrapper: TINPUTinyMLQATFxModule, feats: Any, epochs: int, lr: float,
             optimizer.zero_grad()
             logits = wrapper(xb)
             loss = loss_fn(logits, yb)
+            if not torch.isfinite(loss):   # else NaN weights surface only later, in convert() or the ONNX file
+                raise TrainingDiverged(
+                    f"QAT stopped in epoch {epoch + 1}: the loss is {loss.item()} at "
+                    f"lr={optimizer.param_groups[0]['lr']:g}. Lower the QAT learning rate (for 2-bit "
+                    "weights: the profile's int2_qat_lr in kws_utils/config.py).")
             loss.backward()
             optimizer.step()
             total += loss.item() * len(yb)
