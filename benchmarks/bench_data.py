@@ -4,36 +4,30 @@ from __future__ import annotations
 import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from kws_utils import config, data, synthetic  # noqa: E402
+from timing import timed  # noqa: E402
 
 SPEAKERS = 20          # small: about 1,800 clips, a few seconds on 2 cores
 TEST_PER_CLASS = 20
 
-
-def _timed(func, *args, **kwargs) -> tuple[object, float]:
-    """Run ``func`` and return (result, seconds)."""
-    start = time.perf_counter()
-    result = func(*args, **kwargs)
-    return result, time.perf_counter() - start
 
 
 def run(speakers: int = SPEAKERS, workers: int = synthetic.WORKERS) -> dict:
     """Time generation, splitting and loading on a fresh small synthetic dataset."""
     with tempfile.TemporaryDirectory(prefix="kws_bench_") as tmp:
         root = Path(tmp)
-        train, gen_s = _timed(synthetic.generate_dataset, root / "train", speakers, config.SEED,
+        train, gen_s = timed(synthetic.generate_dataset, root / "train", speakers, config.SEED,
                               workers)
-        test, test_s = _timed(synthetic.generate_test_set, root / "test", speakers,
+        test, test_s = timed(synthetic.generate_test_set, root / "test", speakers,
                               TEST_PER_CLASS, config.SEED, workers)
         info = data.DatasetInfo("synthetic", train, test, "benchmark")
-        parts, split_s = _timed(data.splits, info)
+        parts, split_s = timed(data.splits, info)
         clips = parts["train"]
-        _, load_s = _timed(data.load_clips, clips, "bench load")
+        _, load_s = timed(data.load_clips, clips, "bench load")
         n_speech = synthetic.read_marker(train)["files"] - len(synthetic.NOISE_KINDS)
         return {
             "speakers": speakers, "workers": workers,

@@ -14,17 +14,11 @@ import json
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from timing import timed  # noqa: E402
 
-
-def _timed(func, *args) -> tuple[object, float]:
-    """Run ``func`` and return (result, seconds)."""
-    start = time.perf_counter()
-    result = func(*args)
-    return result, time.perf_counter() - start
 
 
 def run() -> dict:
@@ -37,10 +31,10 @@ def run() -> dict:
         from kws_utils.model import DSCNN
 
         prof = config.profile()
-        info, generate_s = _timed(data.ensure_dataset)
-        feats, features_s = _timed(training.prepare_features, info)
+        info, generate_s = timed(data.ensure_dataset)
+        feats, features_s = timed(training.prepare_features, info)
         net = DSCNN()
-        _, train_s = _timed(training.fit, net, feats.train_views, feats.train_y, feats.val_x,
+        _, train_s = timed(training.fit, net, feats.train_views, feats.train_y, feats.val_x,
                             feats.val_y, prof.epochs, prof.lr, prof.batch_size, training.set_seed())
         figures = {
             "profile": prof.name, "speakers": prof.synth_speakers, "cores": os.cpu_count(),

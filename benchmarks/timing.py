@@ -15,3 +15,10 @@ def best_seconds(fn: Callable[[], object], repeats: int = REPEATS) -> float:
         fn()
         best = min(best, time.perf_counter() - start)
     return best
+
+
+def timed(fn: Callable[..., object], *args: object, **kwargs: object) -> tuple[object, float]:
+    """Run ``fn`` once and return (its result, wall seconds): for steps too long to repeat."""
+    start = time.perf_counter()
+    result = fn(*args, **kwargs)
+    return result, time.perf_counter() - start
