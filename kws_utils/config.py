@@ -45,9 +45,13 @@ VALIDATION_NOISE_FILE = "running_tap.wav"
 TEST_SILENCE_DIR = "_silence_"     # folders of the official balanced test set
 TEST_UNKNOWN_DIR = "_unknown_"
 COMPLETE_MARKER = ".kws_complete.json"   # written last: a folder without it is incomplete
-# Synthetic dataset: utterances per speaker of each keyword / each other word (real set ~2:1).
+# Synthetic dataset: utterances per speaker of each keyword / each of the 25 other words, and the
+# per-clip speed perturbation. The last two were chosen on real non-test clips (the calibration
+# pool), not on the test set, by scripts/choose_offline_data.py: with 2 takes of every other word
+# the model called many real keywords "unknown"; speed perturbation helps it hear other voices.
 SYNTH_KEYWORD_REPEATS = 4
-SYNTH_AUX_REPEATS = 2
+SYNTH_AUX_REPEATS = 1
+SYNTH_SPEED_RANGE = (0.85, 1.15)
 
 SAMPLE_RATE = 16_000
 CLIP_SAMPLES = 16_000          # 1 s clips
@@ -137,10 +141,12 @@ PROFILES = {
     # The workshop profile teaches the same lessons in an afternoon: the same recipe and epochs
     # on 40 % of the speakers, two augmented views, shorter QAT and learned rounding.
     # Departure: with QAT capped at 2 epochs, TI's int2 QAT rate (lr / 100 = 0.005) went to NaN in
-    # the second epoch on this profile (TI's package, 2026-11-30); 0.002 converged (validation 63 %).
+    # the second epoch on this profile (TI's package, 2026-11-30). On the current offline dataset,
+    # chosen on validation accuracy: 0.002 stuck at 5.7 % (one class), 0.001 reached 44 % then 53 %,
+    # 0.0005 28 % then 43 %.
     "workshop": Profile("workshop", synth_speakers=240, synth_test_per_class=200, epochs=10,
                         batch_size=100, lr=0.5, aug_views=2, calib_clips=500, qat_epochs_cap=2,
-                        rounding_iters=200, int2_qat_lr=0.002),
+                        rounding_iters=100, int2_qat_lr=0.001),
     "ci": Profile("ci", synth_speakers=60, synth_test_per_class=40, epochs=8,
                   batch_size=100, lr=0.5, aug_views=2, calib_clips=200, qat_epochs_cap=2,
                   rounding_iters=100),

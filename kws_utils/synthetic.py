@@ -3,7 +3,9 @@
 The generated folders look exactly like ``speech_commands_v0.02`` and
 ``speech_commands_test_set_v0.02`` so that every later step of the course runs unchanged. Speech
 comes from espeak-ng (shipped by the ``espeakng-loader`` wheel, called through ctypes); speakers
-differ in voice, rate and pitch, clips differ in level, timing, noise and filtering.
+differ in voice, rate and pitch, clips differ in speed, level, timing, noise and filtering. What the
+dataset holds beyond its size (takes per word, speed perturbation) is a ``Recipe``; the course's
+was chosen on real non-test clips by ``scripts/choose_offline_data.py``.
 
 Determinism: every random choice comes from a numpy generator seeded by (seed, what is drawn).
 espeak-ng itself carries hidden state from one utterance to the next (e.g. its pitch flutter), so
@@ -30,12 +32,14 @@ from typing import Iterator
 
 import numpy as np
 import soundfile as sf
+import torch
+import torchaudio
 from scipy.signal import butter, firwin, resample_poly, sosfilt
 
 from kws_utils import config, files, progress
 from kws_utils.errors import InputError, TargetExistsError
 
-GENERATOR_VERSION = 1      # bump when the output changes, so old folders are regenerated
+GENERATOR_VERSION = 2      # bump when the output changes, so old folders are regenerated
 SHARD_SPEAKERS = 10        # speakers per shard: fixed, so the bytes never depend on the workers
 WORKERS = 2                # processes rendering shards (the course machines have 2 cores)
 NOISE_SECONDS = 60         # like the real background recordings (about 1 min each)
@@ -54,7 +58,22 @@ VARIANTS = ("", "m1", "m2", "m3", "m4", "m5", "m6", "m7", "f1", "f2", "f3", "f4"
             "Michael", "Andrea")
 ESPEAK_VOLUME = 70         # below 100: louder settings clip some variants
 # Separate random streams, so adding one kind of draw never shifts another.
-STREAM_SPEAKER_IDS, STREAM_SPEAKER, STREAM_CLIP, STREAM_NOISE, STREAM_TEST = range(5)
+STREAM_SPEAKER_IDS, STREAM_SPEAKER, STREAM_CLIP, STREAM_NOISE, STREAM_TEST, STREAM_SPEED = range(6)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What the offline dataset holds beyond its size; the defaults are the course's (config.py)."""
+
+    aux_repeats: int = config.SYNTH_AUX_REPEATS   # takes of each of the 25 other words per speaker
+    speed_min: float = config.SYNTH_SPEED_RANGE[0]   # per-clip speed perturbation, drawn uniformly
+    speed_max: float = config.SYNTH_SPEED_RANGE[1]
+
+    def draw_speed(self, *stream: int) -> float:
+        """One clip's speed factor, from its own seeded stream (1.0 when the range is empty)."""
+        if self.speed_min == self.speed_max == 1.0:
+            return 1.0
+        return float(np.random.default_rng(list(stream)).uniform(self.speed_min, self.speed_max))
 
 
 # ----------------------------------------------------------------------------- espeak-ng
@@ -285,8 +304,20 @@ def _to_int16(wave: np.ndarray) -> np.ndarray:
     return np.clip(np.round(wave * 32767), -32768, 32767).astype(np.int16)
 
 
+def change_speed(wave: np.ndarray, factor: float) -> np.ndarray:
+    """Play ``wave`` ``factor`` times faster: shorter, higher in pitch and formants (torchaudio)."""
+    # Read as if recorded at factor x 16 kHz (rounded to 100 Hz, which keeps the filter small)
+    # and resampled to 16 kHz: Kaldi's speed perturbation, which also mimics vocal tracts of
+    # other lengths.
+    source = int(round(config.SAMPLE_RATE * factor / 100)) * 100
+    if source == config.SAMPLE_RATE:
+        return wave
+    tensor = torch.from_numpy(np.ascontiguousarray(wave, dtype=np.float32))
+    return torchaudio.functional.resample(tensor, source, config.SAMPLE_RATE).numpy().astype(np.float64)
+
+
 def render_word(espeak: Espeak, word: str, speaker: Speaker,
-                rng: np.random.Generator) -> np.ndarray:
+                rng: np.random.Generator, speed: float = 1.0) -> np.ndarray:
     """One recorded-like utterance of ``word`` by ``speaker``: int16, 16 kHz, up to 1 s."""
     # Punctuation changes espeak's intonation, like people reading a prompt differently.
     text = word + str(rng.choice(["", ".", "!", ",", "?"], p=[0.4, 0.25, 0.15, 0.1, 0.1]))
@@ -294,7 +325,7 @@ def render_word(espeak: Espeak, word: str, speaker: Speaker,
     pitch = int(np.clip(speaker.pitch + rng.integers(-5, 6), 0, 100))
     raw = espeak.speak(text, speaker.voice, rate, pitch, speaker.pitch_range,
                        int(rng.integers(0, 2**31)))
-    speech = _trim(_to_16k(raw.astype(np.float64) / 32768, espeak.sample_rate))
+    speech = change_speed(_trim(_to_16k(raw.astype(np.float64) / 32768, espeak.sample_rate)), speed)
     # Most real clips are exactly 1 s; about one in ten is shorter.
     length = config.CLIP_SAMPLES
     shortest = max(length // 2, speech.size + 800)     # keep 50 ms of air after the word
@@ -419,9 +450,10 @@ class Job:
     word: str
     speaker: int          # index into the speaker list; -1 for silence
     seed: tuple[int, ...]
+    speed: float = 1.0    # speed perturbation of the utterance (Recipe.draw_speed)
 
 
-def train_jobs(speakers: list[Speaker], seed: int) -> list[list[Job]]:
+def train_jobs(speakers: list[Speaker], seed: int, recipe: Recipe = Recipe()) -> list[list[Job]]:
     """All clips of the main dataset, in shards of ``SHARD_SPEAKERS`` consecutive speakers."""
     shards: list[list[Job]] = []
     for sp in speakers:
@@ -429,14 +461,16 @@ def train_jobs(speakers: list[Speaker], seed: int) -> list[list[Job]]:
             shards.append([])
         for w, word in enumerate(config.ALL_WORDS):
             repeats = (config.SYNTH_KEYWORD_REPEATS if word in config.KEYWORDS
-                       else config.SYNTH_AUX_REPEATS)
+                       else recipe.aux_repeats)
             for n in range(repeats):
                 shards[-1].append(Job(f"{word}/{sp.sid}_nohash_{n}.wav", word, sp.index,
-                                      (seed, STREAM_CLIP, sp.index, w, n)))
+                                      (seed, STREAM_CLIP, sp.index, w, n),
+                                      recipe.draw_speed(seed, STREAM_SPEED, sp.index, w, n)))
     return shards
 
 
-def test_jobs(speakers: list[Speaker], per_class: int, seed: int) -> list[list[Job]]:
+def test_jobs(speakers: list[Speaker], per_class: int, seed: int,
+              recipe: Recipe = Recipe()) -> list[list[Job]]:
     """The balanced test set: one shard per class, speakers from the testing split only."""
     testers = [sp for sp in speakers if sp.split == "testing"]
     shards = []
@@ -444,6 +478,7 @@ def test_jobs(speakers: list[Speaker], per_class: int, seed: int) -> list[list[J
         shard = []
         for j in range(per_class):
             rng_seed = (seed, STREAM_TEST, c, j)
+            speed = recipe.draw_speed(seed, STREAM_TEST, c, j, STREAM_SPEED)
             sp = testers[j % len(testers)]
             if label == "silence":
                 kinds = noise_names()
@@ -453,11 +488,11 @@ def test_jobs(speakers: list[Speaker], per_class: int, seed: int) -> list[list[J
             elif label == "unknown":
                 word = AUX_WORDS[j % len(AUX_WORDS)]
                 shard.append(Job(f"{config.TEST_UNKNOWN_DIR}/{word}_{sp.sid}_nohash_{j}.wav",
-                                 word, sp.index, rng_seed))
+                                 word, sp.index, rng_seed, speed))
             else:
                 # Utterance numbers above the training repeats: new takes, not copies.
                 n = 100 + j // len(testers)
-                shard.append(Job(f"{label}/{sp.sid}_nohash_{n}.wav", label, sp.index, rng_seed))
+                shard.append(Job(f"{label}/{sp.sid}_nohash_{n}.wav", label, sp.index, rng_seed, speed))
         shards.append(shard)
     return shards
 
@@ -474,12 +509,13 @@ def render_job(espeak: Espeak, job: Job, speakers: list[Speaker]) -> np.ndarray:
         start = int(rng.integers(0, wave.size - config.CLIP_SAMPLES))
         cut = wave[start:start + config.CLIP_SAMPLES]
         return _at_level(cut / max(cut.std(), 1e-6), rng.uniform(-65, -25))
-    return render_word(espeak, job.word, speakers[job.speaker], rng)
+    return render_word(espeak, job.word, speakers[job.speaker], rng, job.speed)
 
 
 def _render_shard(args: tuple[str, list[Job], list[Speaker]]) -> int:
     """Write every clip of one shard in order, with its own fresh espeak-ng instance."""
     root, jobs, speakers = args
+    torch.set_num_threads(1)   # one worker per core already: more threads only contend
     with Espeak() as espeak:
         for job in jobs:
             sf.write(Path(root) / job.relpath, render_job(espeak, job, speakers),
@@ -572,28 +608,30 @@ def noise_names() -> tuple[str, ...]:
     return tuple(sorted(p.stem for p in real.glob("*.wav"))) if real is not None else NOISE_KINDS
 
 
-def train_params(speakers: int, seed: int) -> dict:
+def train_params(speakers: int, seed: int, recipe: Recipe = Recipe()) -> dict:
     """What identifies a generated main dataset (stored in, and checked against, its marker)."""
     params = {"kind": "synthetic", "generator_version": GENERATOR_VERSION, "seed": seed,
               "speakers": speakers, "keyword_repeats": config.SYNTH_KEYWORD_REPEATS,
-              "aux_repeats": config.SYNTH_AUX_REPEATS, "shard_speakers": SHARD_SPEAKERS}
+              "aux_repeats": recipe.aux_repeats, "speed_min": recipe.speed_min,
+              "speed_max": recipe.speed_max, "shard_speakers": SHARD_SPEAKERS}
     if real_noise_dir() is not None:   # a folder made with generated noise is then regenerated
         params["noise"] = "real: " + ", ".join(noise_names())
     return params
 
 
-def test_params(speakers: int, per_class: int, seed: int) -> dict:
+def test_params(speakers: int, per_class: int, seed: int, recipe: Recipe = Recipe()) -> dict:
     """What identifies a generated balanced test set."""
-    return {**train_params(speakers, seed), "kind": "synthetic-test", "per_class": per_class}
+    return {**train_params(speakers, seed, recipe), "kind": "synthetic-test", "per_class": per_class}
 
 
 def generate_dataset(target: Path, speakers: int, seed: int = config.SEED,
-                     workers: int = WORKERS) -> Path:
+                     workers: int = WORKERS, recipe: Recipe = Recipe()) -> Path:
     """Write a Speech Commands v2 style folder of synthetic speech to ``target``."""
     target = Path(target)
     _check_positive("speakers", speakers)
+    _check_recipe(recipe)
     with files.folder_lock(target):
-        return _generate_dataset(target, speakers, seed, workers)
+        return _generate_dataset(target, speakers, seed, workers, recipe)
 
 
 def _check_positive(name: str, value: object) -> None:
@@ -602,17 +640,27 @@ def _check_positive(name: str, value: object) -> None:
         raise InputError(f"{name}={value!r}: give a whole number >= 1.")
 
 
-def _generate_dataset(target: Path, speakers: int, seed: int, workers: int) -> Path:
+def _check_recipe(recipe: object) -> None:
+    """A Recipe with at least one take per word and a speed range inside [0.5, 2]."""
+    if not isinstance(recipe, Recipe):
+        raise InputError(f"recipe must be a synthetic.Recipe, got {type(recipe).__name__}.")
+    _check_positive("recipe.aux_repeats", recipe.aux_repeats)
+    if not 0.5 <= recipe.speed_min <= recipe.speed_max <= 2.0:
+        raise InputError(f"recipe speed range [{recipe.speed_min}, {recipe.speed_max}]: give "
+                         "0.5 <= speed_min <= speed_max <= 2 (1.0 and 1.0 for no perturbation).")
+
+
+def _generate_dataset(target: Path, speakers: int, seed: int, workers: int, recipe: Recipe) -> Path:
     """generate_dataset() while holding the target's lock file."""
     check_replaceable(target)
     partial = fresh_partial(target)
     try:
         people = make_speakers(speakers, seed)
         write_background_noise(partial / config.BACKGROUND_NOISE_DIR, seed)
-        _run_shards(partial, train_jobs(people, seed), people, workers, "synthetic speech")
+        _run_shards(partial, train_jobs(people, seed, recipe), people, workers, "synthetic speech")
         _write_lists(partial, people)
         (partial / "speakers.json").write_text(json.dumps([asdict(sp) for sp in people], indent=0))
-        finish_folder(partial, target, train_params(speakers, seed))
+        finish_folder(partial, target, train_params(speakers, seed, recipe))
     finally:
         # Interrupted (Ctrl-C) or failed: no half-written folder, and no marker anywhere.
         shutil.rmtree(partial, ignore_errors=True)
@@ -620,23 +668,26 @@ def _generate_dataset(target: Path, speakers: int, seed: int, workers: int) -> P
 
 
 def generate_test_set(target: Path, speakers: int, per_class: int, seed: int = config.SEED,
-                      workers: int = WORKERS) -> Path:
+                      workers: int = WORKERS, recipe: Recipe = Recipe()) -> Path:
     """Write a balanced test folder like ``speech_commands_test_set_v0.02`` to ``target``."""
     target = Path(target)
     _check_positive("speakers", speakers)
     _check_positive("per_class", per_class)
+    _check_recipe(recipe)
     with files.folder_lock(target):
-        return _generate_test_set(target, speakers, per_class, seed, workers)
+        return _generate_test_set(target, speakers, per_class, seed, workers, recipe)
 
 
-def _generate_test_set(target: Path, speakers: int, per_class: int, seed: int, workers: int) -> Path:
+def _generate_test_set(target: Path, speakers: int, per_class: int, seed: int, workers: int,
+                       recipe: Recipe) -> Path:
     """generate_test_set() while holding the target's lock file."""
     check_replaceable(target)
     partial = fresh_partial(target)
     try:
         people = make_speakers(speakers, seed)
-        _run_shards(partial, test_jobs(people, per_class, seed), people, workers, "synthetic test set")
-        finish_folder(partial, target, test_params(speakers, per_class, seed))
+        _run_shards(partial, test_jobs(people, per_class, seed, recipe), people, workers,
+                    "synthetic test set")
+        finish_folder(partial, target, test_params(speakers, per_class, seed, recipe))
     finally:
         # Interrupted (Ctrl-C) or failed: no half-written folder, and no marker anywhere.
         shutil.rmtree(partial, ignore_errors=True)
@@ -644,19 +695,20 @@ def _generate_test_set(target: Path, speakers: int, per_class: int, seed: int, w
 
 
 def ensure_synthetic(train_dir: Path, test_dir: Path, speakers: int, per_class: int,
-                     seed: int = config.SEED, workers: int = WORKERS) -> tuple[Path, Path]:
+                     seed: int = config.SEED, workers: int = WORKERS,
+                     recipe: Recipe = Recipe()) -> tuple[Path, Path]:
     """Generate whichever of the two folders is missing, incomplete or made with other settings."""
     train_dir, test_dir = Path(train_dir), Path(test_dir)
     for folder in (train_dir, test_dir):
         files.wait_unlocked(folder)     # another run generating the same data: use its result
-    if not is_complete(train_dir, train_params(speakers, seed)):
+    if not is_complete(train_dir, train_params(speakers, seed, recipe)):
         if train_dir.exists():
             print(f"{train_dir} is incomplete or was made with other settings: regenerating.")
-        generate_dataset(train_dir, speakers, seed, workers)
-    if not is_complete(test_dir, test_params(speakers, per_class, seed)):
+        generate_dataset(train_dir, speakers, seed, workers, recipe)
+    if not is_complete(test_dir, test_params(speakers, per_class, seed, recipe)):
         if test_dir.exists():
             print(f"{test_dir} is incomplete or was made with other settings: regenerating.")
-        generate_test_set(test_dir, speakers, per_class, seed, workers)
+        generate_test_set(test_dir, speakers, per_class, seed, workers, recipe)
     return train_dir, test_dir
 
 

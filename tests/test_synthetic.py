@@ -177,3 +177,34 @@ def test_real_noise_replaces_generated_noise_when_available(tmp_path: Path,
     assert clip.shape == (config.CLIP_SAMPLES,) and clip.dtype == np.int16 and np.abs(clip).max() > 0
     monkeypatch.setenv("KWS_REAL_AUDIO_DIR", str(tmp_path / "absent"))
     assert synthetic.noise_names() == synthetic.NOISE_KINDS and "noise" not in synthetic.train_params(5, 0)
+
+
+def test_change_speed_shortens_and_raises_pitch() -> None:
+    t = np.arange(16000) / 16000
+    tone = np.sin(2 * np.pi * 500 * t)
+    faster = synthetic.change_speed(tone, 1.1)
+    assert abs(faster.size - tone.size / 1.1) <= 2
+    peak_hz = np.argmax(np.abs(np.fft.rfft(faster))) * 16000 / faster.size
+    assert abs(peak_hz - 550) < 5
+    assert synthetic.change_speed(tone, 1.0) is tone          # no perturbation: untouched
+
+
+def test_recipe_sets_takes_and_speed(tmp_path: Path) -> None:
+    recipe = synthetic.Recipe(aux_repeats=3, speed_min=1.0, speed_max=1.0)
+    train = synthetic.generate_dataset(tmp_path / "r", 3, seed=3, workers=1, recipe=recipe)
+    assert len(list((train / "bed").glob("*.wav"))) == 3 * 3
+    assert synthetic.is_complete(train, synthetic.train_params(3, 3, recipe))
+    assert not synthetic.is_complete(train, synthetic.train_params(3, 3))    # the course's recipe
+    speeds = [job.speed for shard in synthetic.train_jobs(synthetic.make_speakers(3, 3), 3) for job in shard]
+    lo, hi = config.SYNTH_SPEED_RANGE
+    assert all(lo <= s <= hi for s in speeds) and len(set(speeds)) > 1
+    assert {job.speed for shard in synthetic.train_jobs(synthetic.make_speakers(3, 3), 3, recipe)
+            for job in shard} == {1.0}
+
+
+@pytest.mark.parametrize("recipe", [synthetic.Recipe(0, 1.0, 1.0), synthetic.Recipe(1, 1.2, 0.9),
+                                    synthetic.Recipe(1, 0.1, 1.0), "fast"])
+def test_bad_recipe_is_refused_by_name(recipe: object, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="recipe"):
+        synthetic.generate_dataset(tmp_path / "bad", 3, workers=1, recipe=recipe)
+    assert not (tmp_path / "bad").exists()

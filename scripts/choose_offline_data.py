@@ -1,0 +1,99 @@
+"""Choose the offline dataset's recipe on real speech that is not the test set.
+
+Each candidate ``synthetic.Recipe`` (takes of the 25 other words per speaker, speed perturbation)
+generates a workshop-size offline dataset in a temporary folder; notebook 03's model is trained
+on it with TI's recipe (the workshop profile's epochs and views) and scored on the real
+calibration pool (``real_audio.pool_set``: real clips of speakers outside the official test set).
+The official test set is never read. The course's recipe (config.SYNTH_AUX_REPEATS,
+config.SYNTH_SPEED_RANGE) is the candidate with the best mean pool keyword accuracy.
+
+    python scripts/choose_offline_data.py          # about 15 min on 2 cores (3 candidates x 2 seeds)
+
+Writes output/offline_data_choice.json; notebook 03 prints it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+# (takes of each other word per speaker, slowest speed, fastest speed)
+CANDIDATES = {
+    "2 takes of other words, no speed change (before)": (2, 1.0, 1.0),
+    "1 take of other words": (1, 1.0, 1.0),
+    "1 take of other words + speed 0.85-1.15": (1, 0.85, 1.15),
+}
+# Seeds of the dataset and of the model's initial weights: one run moves by several points.
+SEEDS = (0, 1)
+
+
+def results_path() -> Path:
+    """Where the comparison is saved (notebook 03 reads it)."""
+    from kws_utils import config
+    return config.output_dir() / "offline_data_choice.json"
+
+
+def score(root: Path, name: str, recipe: "synthetic.Recipe", seed: int, pool: tuple) -> dict:
+    """Generate, train and score one candidate with one seed on the pool; its figures."""
+    import torch
+
+    from kws_utils import config, data, synthetic, training
+    from kws_utils.model import DSCNN
+
+    prof = config.profile()
+    start = time.perf_counter()
+    train, test = synthetic.ensure_synthetic(root / "train", root / "test", prof.synth_speakers,
+                                             prof.synth_test_per_class, seed, recipe=recipe)
+    generate_s = time.perf_counter() - start
+    feats = training.prepare_features(data.DatasetInfo("synthetic", train, test, name))
+    net = DSCNN()
+    training.fit(net, feats.train_views, feats.train_y, feats.val_x, feats.val_y, prof.epochs,
+                 prof.lr, prof.batch_size, training.set_seed(seed))
+    x, y = pool
+    with torch.no_grad():
+        pred = net.eval()(x).argmax(1)
+    keyword = y < len(config.KEYWORDS)
+    return {"seed": seed, "generate_s": round(generate_s, 1), "training_clips": len(feats.train_y),
+            "synthetic_validation": round(training.evaluate(net, feats.val_x, feats.val_y).accuracy, 4),
+            "pool_keywords": round(float((pred[keyword] == y[keyword]).float().mean()), 4),
+            "pool_keywords_called_unknown": round(float((pred[keyword] == config.UNKNOWN_INDEX).float().mean()), 4),
+            "pool_other_words": round(float((pred[~keyword] == y[~keyword]).float().mean()), 4)}
+
+
+def main() -> None:
+    """Score every candidate in a temporary data folder and save the table atomically."""
+    with tempfile.TemporaryDirectory(prefix="kws_choose_") as tmp:
+        # Set before the course is imported: datasets and feature caches go to the temp folder.
+        os.environ.update(KWS_DATA_ROOT=tmp, KWS_PROFILE="workshop", KWS_DATASET="synthetic",
+                          KWS_PROGRESS=os.environ.get("KWS_PROGRESS", "none"))
+        sys.path.insert(0, str(REPO))
+        from kws_utils import config, files, real_audio, synthetic
+
+        pool = real_audio.pool_set()
+        if pool is None:
+            sys.exit("needs the real calibration pool (../shared/speech_commands/real_calibration_pool)")
+        keyword = pool[1] < len(config.KEYWORDS)
+        out = {"profile": config.profile().name, "speakers": config.profile().synth_speakers,
+               "seeds": list(SEEDS), "trained_with": "TI's recipe (notebook 03), workshop profile",
+               "scored_on": f"real calibration pool: {int(keyword.sum())} keyword clips and "
+                            f"{int((~keyword).sum())} clips of other words, speakers outside the official "
+                            "test set",
+               "candidates": {}}
+        for i, (name, values) in enumerate(CANDIDATES.items()):
+            recipe = synthetic.Recipe(*values)
+            runs = []
+            for seed in SEEDS:
+                runs.append(score(Path(tmp) / f"candidate{i}_seed{seed}", name, recipe, seed, pool))
+                print(name, json.dumps(runs[-1]), flush=True)
+            out["candidates"][name] = {"recipe": dict(zip(("aux_repeats", "speed_min", "speed_max"), values)),
+                                       "runs": runs}
+        files.write_text(results_path(), json.dumps(out, indent=1))
+        print(f"wrote {results_path()}")
+
+
+if __name__ == "__main__":   # the dataset generator starts worker processes
+    main()
