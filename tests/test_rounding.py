@@ -15,7 +15,10 @@ ITERS = 40   # enough to move the rounding; the method, not the accuracy, is tes
 REAL_ITERS = 200   # fewer than the default 500: the real-speech tests stay short
 # Measured on pool subset 0 with 200 steps: int2 nearest 8.4 %, learned 20.6 % (the goal, 75 %, is
 # not reached yet); the floors fail if learned rounding stops helping.
-INT2_FLOOR, INT4_LOSS = 0.15, 0.01
+# int4: learned rounding must beat round-to-nearest and stay within 1.5 points of float. Over five
+# calibration subsets benchmarks/bench_ptq_real.py measured it 0.35-1.18 points below float at the
+# default steps, so a 1-point bound sat inside the spread (one clip failed it after a thread change).
+INT2_FLOOR, INT4_LOSS = 0.15, 0.015
 
 
 def _net() -> model.DSCNN:
@@ -202,6 +205,7 @@ def test_real_speech_int4_learned_rounding_near_float(tmp_path) -> None:
     _, x, y = _real()
     with torch.no_grad():
         float_acc = quant.accuracy(model.reference_model(), x, y)
-    learned = _onnx_accuracy(4, REAL_ITERS, tmp_path)
-    print(f"\nint4 integer ONNX on the official test set: learned {learned:.2%}, float {float_acc:.2%}")
-    assert learned >= float_acc - INT4_LOSS
+    nearest, learned = _onnx_accuracy(4, 0, tmp_path), _onnx_accuracy(4, REAL_ITERS, tmp_path)
+    print(f"\nint4 integer ONNX on the official test set: nearest {nearest:.2%}, learned {learned:.2%}, "
+          f"float {float_acc:.2%}")
+    assert learned > nearest and learned >= float_acc - INT4_LOSS
