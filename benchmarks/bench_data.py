@@ -15,15 +15,14 @@ SPEAKERS = 20          # small: about 1,800 clips, a few seconds on 2 cores
 TEST_PER_CLASS = 20
 
 
-
 def run(speakers: int = SPEAKERS, workers: int = synthetic.WORKERS) -> dict:
     """Time generation, splitting and loading on a fresh small synthetic dataset."""
     with tempfile.TemporaryDirectory(prefix="kws_bench_") as tmp:
         root = Path(tmp)
         train, gen_s = timed(synthetic.generate_dataset, root / "train", speakers, config.SEED,
-                              workers)
+                             workers)
         test, test_s = timed(synthetic.generate_test_set, root / "test", speakers,
-                              TEST_PER_CLASS, config.SEED, workers)
+                             TEST_PER_CLASS, config.SEED, workers)
         info = data.DatasetInfo("synthetic", train, test, "benchmark")
         parts, split_s = timed(data.splits, info)
         clips = parts["train"]

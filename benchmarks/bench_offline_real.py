@@ -20,7 +20,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from timing import timed  # noqa: E402
 
 
-
 def run() -> dict:
     """Generate, featurize, train and score in a fresh data root; return the figures."""
     with tempfile.TemporaryDirectory(prefix="kws_offline_") as tmp:
@@ -35,7 +34,7 @@ def run() -> dict:
         feats, features_s = timed(training.prepare_features, info)
         net = DSCNN()
         _, train_s = timed(training.fit, net, feats.train_views, feats.train_y, feats.val_x,
-                            feats.val_y, prof.epochs, prof.lr, prof.batch_size, training.set_seed())
+                           feats.val_y, prof.epochs, prof.lr, prof.batch_size, training.set_seed())
         figures = {
             "profile": prof.name, "speakers": prof.synth_speakers, "cores": os.cpu_count(),
             "generate_s": round(generate_s, 1), "budget_s": 600,

@@ -161,7 +161,7 @@ def _check_loss(loss: torch.Tensor, x: torch.Tensor, model: nn.Module,
         why = "the input batch holds NaN or inf values: check the features (and the audio)"
     elif not all(torch.isfinite(p).all() for p in model.parameters()):
         why = (f"the weights became NaN/inf: the learning rate (lr={lr:g}) is too large or not a "
-               "number; use a smaller one (the course uses 0.05)")
+               "number; use a smaller one")
     else:
         why = f"the logits overflowed: lower the learning rate (lr={lr:g}) or check the inputs"
     raise TrainingDiverged(f"training stopped: the loss is {loss.item()} ({why}).")

@@ -146,11 +146,11 @@ def qat_fit(wrapper: TINPUTinyMLQATFxModule, feats: Any, epochs: int, lr: float,
             optimizer.zero_grad()
             logits = wrapper(xb)
             loss = loss_fn(logits, yb)
-            if not torch.isfinite(loss):   # else NaN weights surface only later, in convert() or the ONNX file
-                raise TrainingDiverged(
-                    f"QAT stopped in epoch {epoch + 1}: the loss is {loss.item()} at "
-                    f"lr={optimizer.param_groups[0]['lr']:g}. Lower the QAT learning rate (for 2-bit "
-                    "weights: the profile's int2_qat_lr in kws_utils/config.py).")
+            try:   # else NaN weights surface only later, in convert() or the ONNX file
+                training._check_loss(loss, xb, wrapper, optimizer)
+            except TrainingDiverged as err:
+                raise TrainingDiverged(f"QAT stopped in epoch {epoch + 1}: {err} For 2-bit weights the "
+                                       "QAT rate is the profile's int2_qat_lr in kws_utils/config.py.") from None
             loss.backward()
             optimizer.step()
             total += loss.item() * len(yb)
