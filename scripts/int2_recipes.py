@@ -2,17 +2,20 @@
 
 Every candidate keeps TI's integer format (the active backend's QAT wrapper, qconfig_for(2),
 convert(), export()) and is scored through the exported integer ONNX under onnxruntime: on the
-dataset's test split and, when available, the official real test set (scoring only). Learned-
-rounding PTQ (quant.ptq_learned) is the baseline to beat.
+dataset's test split and, when available, the official real test set (scoring only); the
+fake-quant accuracy (the model as the integer model computes it) is recorded beside it. Learned-
+rounding PTQ (quant.ptq_learned) is the baseline to beat. Notebook 05 prints the results file and
+picks the recipe on the validation split.
 
-    KWS_PROFILE=ci python scripts/int2_recipes.py --epochs 4      # ~10 min per recipe on a busy 2-core CPU
-    python scripts/int2_recipes.py --only "TI's plain recipe" ...  # a subset, by name
+    python scripts/int2_recipes.py                          # default profile: 3-4 min per recipe on 2 cores
+    python scripts/int2_recipes.py --only "TI's plain recipe" ...   # a subset, by name; other rows are kept
 
 Writes output/int2_recipes/<profile>_<dataset>.json (see results_path).
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import sys
@@ -29,7 +32,6 @@ from kws_utils import config, data, export as kws_export, files, quant, real_aud
 from kws_utils.quant import distill  # noqa: E402
 
 BITS = 2
-CONVERGED_SPREAD = 0.01   # issue 18: the last three validation epochs within 1 point
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,8 @@ class Recipe:
     lr_factor: float = 1.0             # x TI's QAT lr (float lr / 100)
     warmup_epochs: float = 0.0
     freeze_bn_epoch: int | None = None  # None: the wrapper's own schedule (TI's rule)
+    freeze_weight_scales: bool = False  # keep the start's weight scales (learned rounding's)
+    match_integer: bool = False         # train the fake-quant model that computes the integer one
 
 
 RECIPES = (
@@ -54,6 +58,19 @@ RECIPES = (
            freeze_bn_epoch=0),
     Recipe("learned rounding + distil, BN frozen, lr x 0.2", kd_temperature=4.0,
            rounded_start=True, freeze_bn_epoch=0, lr_factor=0.2),
+    Recipe("learned rounding + distil, BN and weight scales frozen, lr x 0.2", kd_temperature=4.0,
+           rounded_start=True, freeze_bn_epoch=0, lr_factor=0.2, freeze_weight_scales=True),
+    Recipe("learned rounding + distil, BN and weight scales frozen, lr x 0.1", kd_temperature=4.0,
+           rounded_start=True, freeze_bn_epoch=0, lr_factor=0.1, freeze_weight_scales=True),
+    Recipe("learned rounding + distil, BN frozen, lr x 0.1", kd_temperature=4.0,
+           rounded_start=True, freeze_bn_epoch=0, lr_factor=0.1),
+    Recipe("learned rounding + distil + CE, BN frozen, lr x 0.1", kd_temperature=4.0, ce_weight=0.5,
+           rounded_start=True, freeze_bn_epoch=0, lr_factor=0.1),
+    Recipe("learned rounding + distil, BN frozen, lr x 0.05", kd_temperature=4.0,
+           rounded_start=True, freeze_bn_epoch=0, lr_factor=0.05),
+    Recipe("learned rounding + distil, BN and weight scales frozen, lr x 0.1, NPU pool",
+           kd_temperature=4.0, rounded_start=True, freeze_bn_epoch=0, lr_factor=0.1,
+           freeze_weight_scales=True, match_integer=True),
     Recipe("learned rounding + distil, BN frozen, warm-up, lr x 3", kd_temperature=4.0,
            rounded_start=True, freeze_bn_epoch=0, warmup_epochs=0.5, lr_factor=3.0),
 )
@@ -64,7 +81,7 @@ def results_path(profile: str, dataset: str) -> Path:
     return config.output_dir() / "int2_recipes" / f"{profile}_{dataset}.json"
 
 
-def converged(val_acc: list[float], spread: float = CONVERGED_SPREAD) -> bool:
+def converged(val_acc: list[float], spread: float = config.CONVERGED_SPREAD) -> bool:
     """True when the last three validation accuracies lie within ``spread`` of each other."""
     return len(val_acc) >= 3 and max(val_acc[-3:]) - min(val_acc[-3:]) <= spread
 
@@ -88,24 +105,32 @@ def run_recipe(recipe: Recipe, model: nn.Module, feats: training.FeatureSets,
     start = time.perf_counter()
     lr = base_lr * recipe.lr_factor
     try:
-        if recipe.kd_temperature is None:
-            wrapper, history = quant.qat(model, BITS, feats, epochs, lr, batch_size)
+        if recipe.kd_temperature is None:   # quant.qat's steps, unrolled to score the fake-quant model
+            wrapper = distill.qat_wrapper(model, BITS, epochs)
+            if recipe.match_integer:
+                quant.match_integer_model(wrapper)
+            history = quant.qat_fit(wrapper, feats, epochs, lr, batch_size, training.set_seed(config.SEED))
         else:
             init = distill.rounded_start(model, BITS, calib_x) if recipe.rounded_start else model
             wrapper = distill.qat_wrapper(init, BITS, epochs)
+            if recipe.match_integer:
+                quant.match_integer_model(wrapper)
             history = distill.distill_fit(
                 wrapper, model, feats.train_views,
-                distill.Schedule(epochs, lr, batch_size, recipe.warmup_epochs, recipe.freeze_bn_epoch),
+                distill.Schedule(epochs, lr, batch_size, recipe.warmup_epochs, recipe.freeze_bn_epoch,
+                                 recipe.freeze_weight_scales),
                 distill.KDLoss(recipe.kd_temperature, recipe.ce_weight),
                 labels=feats.train_y if recipe.ce_weight else None, val=(feats.val_x, feats.val_y))
-            wrapper.convert()   # quant.qat above converts its wrapper itself
+        # the fake-quant model as the integer model computes it (issue 18: it should predict the ONNX)
+        fake_acc = quant.accuracy(quant.match_integer_model(copy.deepcopy(wrapper)), feats.test_x, feats.test_y)
+        wrapper.convert()   # TI's convert() turns the wrapper itself into the integer model
         scores = score_onnx(wrapper, recipe.name, feats, real)
     except FloatingPointError as err:   # a diverged run is a result too
         return {**asdict(recipe), "epochs": epochs, "lr": lr, "diverged": str(err)}
     out = {**asdict(recipe), "epochs": epochs, "lr": lr, "backend": type(wrapper).__module__,
            "seconds": round(time.perf_counter() - start, 1), "val_acc": history.val_acc,
-           "converged": converged(history.val_acc), **scores}
-    print(f"{recipe.name}: val {[round(a, 4) for a in history.val_acc]}, ONNX test "
+           "converged": converged(history.val_acc), "fake_quant_test_accuracy": fake_acc, **scores}
+    print(f"{recipe.name}: val {[round(a, 4) for a in history.val_acc]}, fake-quant test {fake_acc:.2%}, ONNX test "
           f"{out['onnx_test_accuracy']:.2%}, real {out['onnx_real_test_accuracy']}, {out['seconds']} s", flush=True)
     return out
 
@@ -124,14 +149,31 @@ def baselines(model: nn.Module, feats: training.FeatureSets,
                                      **score_onnx(ptq, "learned rounding ptq", feats, real)}}
 
 
+def kept_rows(path: Path, result: dict, rerun: set[str]) -> dict[str, dict]:
+    """Rows of an earlier results file that this run does not redo (same data, seed and baseline)."""
+    if not path.is_file():
+        return {}
+    earlier = json.loads(path.read_text())
+    same = all(earlier.get(k) == result[k] for k in ("profile", "dataset", "seed", "bits",
+                                                     "float_test_accuracy")) \
+        and earlier["learned_rounding_ptq"]["onnx_test_accuracy"] == \
+        result["learned_rounding_ptq"]["onnx_test_accuracy"]
+    if not same:   # another model or dataset: its rows would not be comparable
+        return {}
+    names = {r.name for r in RECIPES}
+    return {row["name"]: row for row in earlier.get("recipes", [])
+            if row["name"] in names and row["name"] not in rerun}
+
+
 def main() -> None:
     """Run the chosen recipes on the active profile and dataset and write the results file."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="*", help="recipe names to run (default: all)")
     parser.add_argument("--epochs", type=int, help="QAT epochs (default: TI's rule, capped by the profile)")
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's own choice)")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     prof = config.profile()
     info = data.ensure_dataset()
     feats = training.prepare_features(info)
@@ -146,9 +188,11 @@ def main() -> None:
               "torch_threads": torch.get_num_threads(), "machine": platform.machine(),
               **baselines(model, feats, real, calib_x), "recipes": []}
     path = results_path(prof.name, info.kind)
+    rows = kept_rows(path, result, {r.name for r in chosen})
     for recipe in chosen:   # the file is rewritten after each recipe: a long run keeps what it did
-        result["recipes"].append(run_recipe(recipe, model, feats, real, calib_x, epochs,
-                                            config.qat_lr_for(BITS, prof), prof.batch_size))
+        rows[recipe.name] = run_recipe(recipe, model, feats, real, calib_x, epochs,
+                                       config.qat_lr_for(BITS, prof), prof.batch_size)
+        result["recipes"] = [rows[r.name] for r in RECIPES if r.name in rows]
         files.write_text(path, json.dumps(result, indent=1))
     print(f"wrote {path}")
 

@@ -122,3 +122,56 @@ def test_int2_recipe_runs_end_to_end(monkeypatch, tmp_path) -> None:
     assert out["onnx_identical_to_torch"] and 0 <= out["onnx_test_accuracy"] <= 1
     assert (tmp_path / "int2_recipes" / "onnx" / out["onnx"]).is_file()
     assert recipes.converged([0.5, 0.9, 0.905, 0.899]) and not recipes.converged([0.9, 0.8, 0.9])
+    assert 0 <= out["fake_quant_test_accuracy"] <= 1
+
+
+def _frozen_scale_wrapper(backend: str, monkeypatch) -> tuple[torch.nn.Module, torch.Tensor]:
+    """An int2 QAT wrapper whose weight scales were frozen after one batch; then fc6's weights grow."""
+    monkeypatch.setenv("KWS_QUANT_BACKEND", backend)
+    wrapper = distill.qat_wrapper(_teacher(), 2, 1)
+    wrapper.train()
+    x = torch.randn(8, *config.INPUT_SHAPE)
+    with torch.no_grad():
+        wrapper(x)
+        distill.freeze_weight_scales(wrapper)
+        fc = wrapper.module.get_submodule("fc6")
+        scale = fc.weight_fake_quant.scale.clone()
+        fc.weight.mul_(1.5)   # past the last grid point of its frozen scale
+        wrapper(x)
+    assert torch.equal(fc.weight_fake_quant.scale, scale), "the frozen weight scale moved"
+    return wrapper, x
+
+
+def test_frozen_weight_scales_clamp_to_the_ternary_grid_in_the_course_backend(monkeypatch, tmp_path) -> None:
+    wrapper, _ = _frozen_scale_wrapper("course", monkeypatch)
+    wrapper.eval()
+    wrapper.convert()
+    npu = tinpu_onnx.load_integer_onnx(course.export_integer(wrapper, tmp_path / "frozen.onnx"))
+    assert set(np.unique(npu.layers[-1].weight).tolist()) <= {-1, 0, 1}
+
+
+@pytest.mark.skipif(not _HAS_TI, reason="needs TI's tinyml_torchmodelopt")
+def test_ti_convert_does_not_clamp_weights_past_a_frozen_scale(monkeypatch, tmp_path) -> None:
+    # Notebook 05 explains the frozen-scale recipes' fake-quant / ONNX gap with this behaviour of
+    # TI's convert(): weights beyond the last grid point become +-2 in its "int2" integer model.
+    wrapper, _ = _frozen_scale_wrapper("ti", monkeypatch)
+    wrapper.eval()
+    wrapper.convert()
+    npu = tinpu_onnx.load_integer_onnx(course.export_integer(wrapper, tmp_path / "frozen.onnx"))
+    assert np.abs(npu.layers[-1].weight).max() == 2
+
+
+def test_int2_recipes_keep_rows_of_the_same_model_only(tmp_path) -> None:
+    sys.path.insert(0, str(SCRIPTS))
+    recipes = importlib.import_module("int2_recipes")
+    names = [r.name for r in recipes.RECIPES]
+    base = {"profile": "ci", "dataset": "synthetic", "seed": 1, "bits": 2, "float_test_accuracy": 0.9,
+            "learned_rounding_ptq": {"onnx_test_accuracy": 0.7, "seconds": 3.0}}
+    path = tmp_path / "r.json"
+    path.write_text(__import__("json").dumps({**base, "recipes": [{"name": names[0]}, {"name": names[1]},
+                                                                  {"name": "gone"}]}))
+    now = {**base, "learned_rounding_ptq": {"onnx_test_accuracy": 0.7, "seconds": 9.0}}
+    assert list(recipes.kept_rows(path, now, {names[1]})) == [names[0]]
+    other = {**base, "float_test_accuracy": 0.8}
+    assert recipes.kept_rows(path, other, set()) == {}
+    assert recipes.kept_rows(tmp_path / "none.json", now, set()) == {}

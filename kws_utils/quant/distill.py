@@ -9,6 +9,8 @@ The student is a QAT wrapper of either backend (``quant_backend()``: TI's
 - the start: the float weights, or a float copy whose round-to-nearest gives the integers of
   learned-rounding PTQ (``rounded_start``);
 - BatchNorm statistics frozen from a chosen epoch (``freeze_bn_stats``, works on both backends);
+- optionally, weight scales frozen after the first batch (``freeze_weight_scales``; TI's
+  ``convert()`` does not clamp weights that then grow past the last grid point, see notebook 05);
 - a linear learning-rate warm-up over the first steps, then TI's cosine per epoch.
 
 All of it runs on TI's own ``TINPUTinyMLQATFxModule`` (KWS_QUANT_BACKEND=ti): the loss and the
@@ -33,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.ao.nn.intrinsic.qat import freeze_bn_stats
+from torch.ao.quantization import disable_observer
 
 from kws_utils import config, holdout, training
 from kws_utils.errors import InputError
@@ -67,6 +70,7 @@ class Schedule:
     batch_size: int = 100
     warmup_epochs: float = 0.0
     freeze_bn_epoch: int | None = None   # None: the wrapper's own schedule (TI's rule)
+    freeze_weight_scales: bool = False   # keep the weight scales the first batch observes
 
     def lr_at(self, epoch: int, step: int, steps: int) -> float:
         """TI's cosine per epoch, times a linear warm-up over the first warmup_epochs."""
@@ -85,6 +89,14 @@ def teacher_logits(teacher: nn.Module, x: torch.Tensor, batch_size: int = 500) -
 def freeze_batchnorm(wrapper: nn.Module) -> nn.Module:
     """Stop BatchNorm statistics updates in every fused QAT layer (either backend)."""
     return wrapper.apply(freeze_bn_stats)
+
+
+def freeze_weight_scales(wrapper: nn.Module) -> nn.Module:
+    """Stop every weight observer (either backend); activation observers keep their schedule."""
+    for mod in wrapper.modules():
+        if hasattr(mod, "weight_fake_quant"):
+            mod.weight_fake_quant.apply(disable_observer)
+    return wrapper
 
 
 def _check_views(views: list[torch.Tensor], labels: torch.Tensor | None) -> None:
@@ -113,6 +125,8 @@ def distill_fit(wrapper: nn.Module, teacher: nn.Module, views: list[torch.Tensor
         wrapper.train()   # one call per epoch drives the wrapper's freezing schedule
         if schedule.freeze_bn_epoch is not None and epoch >= schedule.freeze_bn_epoch:
             freeze_batchnorm(wrapper)
+        if schedule.freeze_weight_scales and epoch > 0:   # train() may have switched them back on
+            freeze_weight_scales(wrapper)
         x, t = views[epoch % len(views)], targets[epoch % len(views)]
         order = torch.randperm(len(x), generator=generator)
         steps = -(-len(x) // schedule.batch_size)
@@ -124,6 +138,10 @@ def distill_fit(wrapper: nn.Module, teacher: nn.Module, views: list[torch.Tensor
                 group["lr"] = schedule.lr_at(epoch, step, steps)
             optimizer.zero_grad()
             batch_loss = loss(wrapper(x[idx]), t[idx], None if labels is None else labels[idx])
+            if schedule.freeze_weight_scales and epoch == 0 and step == 0:
+                # At 2 bits a min/max scale follows the channel's largest weight: one weight moving
+                # re-grids the whole channel. The first forward pass has set the start's scales.
+                freeze_weight_scales(wrapper)
             if not torch.isfinite(batch_loss):
                 raise FloatingPointError(f"distillation diverged at epoch {epoch}, step {step}: "
                                          f"loss {batch_loss.item()}; lower the lr ({schedule.lr:g}).")
