@@ -153,12 +153,17 @@ def kept_rows(path: Path, result: dict, rerun: set[str]) -> dict[str, dict]:
     """Rows of an earlier results file that this run does not redo (same data, seed and baseline)."""
     if not path.is_file():
         return {}
-    earlier = json.loads(path.read_text())
-    same = all(earlier.get(k) == result[k] for k in ("profile", "dataset", "seed", "bits",
-                                                     "float_test_accuracy")) \
-        and earlier["learned_rounding_ptq"]["onnx_test_accuracy"] == \
-        result["learned_rounding_ptq"]["onnx_test_accuracy"]
+    try:
+        earlier = json.loads(path.read_text())
+        same = all(earlier.get(k) == result[k] for k in ("profile", "dataset", "seed", "bits",
+                                                         "float_test_accuracy")) \
+            and earlier["learned_rounding_ptq"]["onnx_test_accuracy"] == \
+            result["learned_rounding_ptq"]["onnx_test_accuracy"]
+    except (ValueError, KeyError, TypeError, AttributeError):
+        print(f"{path}: not a results file of this script; it will be replaced by this run's rows")
+        return {}
     if not same:   # another model or dataset: its rows would not be comparable
+        print(f"{path}: its rows come from another model or dataset; this run replaces them")
         return {}
     names = {r.name for r in RECIPES}
     return {row["name"]: row for row in earlier.get("recipes", [])

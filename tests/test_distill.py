@@ -175,3 +175,7 @@ def test_int2_recipes_keep_rows_of_the_same_model_only(tmp_path) -> None:
     other = {**base, "float_test_accuracy": 0.8}
     assert recipes.kept_rows(path, other, set()) == {}
     assert recipes.kept_rows(tmp_path / "none.json", now, set()) == {}
+    path.write_text("{not json")
+    assert recipes.kept_rows(path, now, set()) == {}
+    path.write_text("[1, 2]")
+    assert recipes.kept_rows(path, now, set()) == {}
