@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -125,8 +126,8 @@ def test_int2_recipe_runs_end_to_end(monkeypatch, tmp_path) -> None:
     assert 0 <= out["fake_quant_test_accuracy"] <= 1
 
 
-def _frozen_scale_wrapper(backend: str, monkeypatch) -> tuple[torch.nn.Module, torch.Tensor]:
-    """An int2 QAT wrapper whose weight scales were frozen after one batch; then fc6's weights grow."""
+def _fc6_integers_past_a_frozen_scale(backend: str, monkeypatch, tmp_path: Path) -> np.ndarray:
+    """fc6's exported integers after its int2 weight scales were frozen and its weights then grew."""
     monkeypatch.setenv("KWS_QUANT_BACKEND", backend)
     wrapper = distill.qat_wrapper(_teacher(), 2, 1)
     wrapper.train()
@@ -139,26 +140,20 @@ def _frozen_scale_wrapper(backend: str, monkeypatch) -> tuple[torch.nn.Module, t
         fc.weight.mul_(1.5)   # past the last grid point of its frozen scale
         wrapper(x)
     assert torch.equal(fc.weight_fake_quant.scale, scale), "the frozen weight scale moved"
-    return wrapper, x
+    wrapper.eval()
+    wrapper.convert()
+    return tinpu_onnx.load_integer_onnx(course.export_integer(wrapper, tmp_path / "frozen.onnx")).layers[-1].weight
 
 
 def test_frozen_weight_scales_clamp_to_the_ternary_grid_in_the_course_backend(monkeypatch, tmp_path) -> None:
-    wrapper, _ = _frozen_scale_wrapper("course", monkeypatch)
-    wrapper.eval()
-    wrapper.convert()
-    npu = tinpu_onnx.load_integer_onnx(course.export_integer(wrapper, tmp_path / "frozen.onnx"))
-    assert set(np.unique(npu.layers[-1].weight).tolist()) <= {-1, 0, 1}
+    assert set(np.unique(_fc6_integers_past_a_frozen_scale("course", monkeypatch, tmp_path)).tolist()) <= {-1, 0, 1}
 
 
 @pytest.mark.skipif(not _HAS_TI, reason="needs TI's tinyml_torchmodelopt")
 def test_ti_convert_does_not_clamp_weights_past_a_frozen_scale(monkeypatch, tmp_path) -> None:
     # Notebook 05 explains the frozen-scale recipes' fake-quant / ONNX gap with this behaviour of
     # TI's convert(): weights beyond the last grid point become +-2 in its "int2" integer model.
-    wrapper, _ = _frozen_scale_wrapper("ti", monkeypatch)
-    wrapper.eval()
-    wrapper.convert()
-    npu = tinpu_onnx.load_integer_onnx(course.export_integer(wrapper, tmp_path / "frozen.onnx"))
-    assert np.abs(npu.layers[-1].weight).max() == 2
+    assert np.abs(_fc6_integers_past_a_frozen_scale("ti", monkeypatch, tmp_path)).max() == 2
 
 
 def test_int2_recipes_keep_rows_of_the_same_model_only(tmp_path) -> None:
@@ -168,7 +163,7 @@ def test_int2_recipes_keep_rows_of_the_same_model_only(tmp_path) -> None:
     base = {"profile": "ci", "dataset": "synthetic", "seed": 1, "bits": 2, "float_test_accuracy": 0.9,
             "learned_rounding_ptq": {"onnx_test_accuracy": 0.7, "seconds": 3.0}}
     path = tmp_path / "r.json"
-    path.write_text(__import__("json").dumps({**base, "recipes": [{"name": names[0]}, {"name": names[1]},
+    path.write_text(json.dumps({**base, "recipes": [{"name": names[0]}, {"name": names[1]},
                                                                   {"name": "gone"}]}))
     now = {**base, "learned_rounding_ptq": {"onnx_test_accuracy": 0.7, "seconds": 9.0}}
     assert list(recipes.kept_rows(path, now, {names[1]})) == [names[0]]
