@@ -80,6 +80,8 @@ def _env_int(name: str, default: int) -> int:
 SEED = _env_int("KWS_SEED", 0)
 # QAT has converged when its last three validation accuracies lie within this (issue 18: 1 point).
 CONVERGED_SPREAD = 0.01
+# Fake-quant predicts the deployed model when their accuracies lie within this (issue 18: 0.3 points).
+FAKE_QUANT_GAP = 0.003
 if not 0 <= SEED < 2**32:
     raise ConfigError(f"KWS_SEED={SEED} is out of range: use a whole number from 0 to 2**32 - 1.")
 

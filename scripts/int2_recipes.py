@@ -32,6 +32,7 @@ from kws_utils import config, data, export as kws_export, files, quant, real_aud
 from kws_utils.quant import distill  # noqa: E402
 
 BITS = 2
+GAP_CLIPS = 200   # validation clips for the layer-by-layer gap (as notebook 04)
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,7 @@ class Recipe:
     freeze_bn_epoch: int | None = None  # None: the wrapper's own schedule (TI's rule)
     freeze_weight_scales: bool = False  # keep the start's weight scales (learned rounding's)
     match_integer: bool = False         # train the fake-quant model that computes the integer one
+    epochs: int | None = None           # None: the script's --epochs (TI's rule, capped by the profile)
 
 
 RECIPES = (
@@ -73,6 +75,11 @@ RECIPES = (
            freeze_weight_scales=True, match_integer=True),
     Recipe("learned rounding + distil, BN frozen, warm-up, lr x 3", kd_temperature=4.0,
            rounded_start=True, freeze_bn_epoch=0, warmup_epochs=0.5, lr_factor=3.0),
+    # twice the epochs: 8-9 min on 2 cores (measured 2026-12-01), inside issue 18's 10-minute budget
+    Recipe("learned rounding + distil, BN frozen, lr x 0.1, 10 epochs", kd_temperature=4.0,
+           rounded_start=True, freeze_bn_epoch=0, lr_factor=0.1, epochs=10),
+    Recipe("learned rounding + distil, BN frozen, lr x 0.2, 10 epochs", kd_temperature=4.0,
+           rounded_start=True, freeze_bn_epoch=0, lr_factor=0.2, epochs=10),
 )
 
 
@@ -86,16 +93,28 @@ def converged(val_acc: list[float], spread: float = config.CONVERGED_SPREAD) -> 
     return len(val_acc) >= 3 and max(val_acc[-3:]) - min(val_acc[-3:]) <= spread
 
 
+def onnx_path(name: str) -> Path:
+    """Where a recipe's integer ONNX file is written (named after the recipe)."""
+    slug = "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_")
+    return config.output_dir() / "int2_recipes" / "onnx" / f"{slug}.onnx"
+
+
 def score_onnx(wrapper: nn.Module, name: str, feats: training.FeatureSets,
                real: tuple[torch.Tensor, torch.Tensor] | None) -> dict:
     """Export a converted wrapper's integer ONNX and score it on the test split and real test set."""
-    slug = "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_")
-    path = quant.export_integer(wrapper, config.output_dir() / "int2_recipes" / "onnx" / f"{slug}.onnx")
+    path = quant.export_integer(wrapper, onnx_path(name))
     acc, identical = quant.onnx_check(quant.integer_module(wrapper), path, feats.test_x, feats.test_y)
     real_acc = None if real is None else float(
         (kws_export.onnx_predict(path, real[0]).argmax(1) == real[1].numpy()).mean())
     return {"onnx": path.name, "onnx_test_accuracy": acc, "onnx_identical_to_torch": identical,
             "onnx_real_test_accuracy": real_acc}
+
+
+def gap_record(fake: nn.Module, path: Path, feats: training.FeatureSets) -> dict:
+    """Fake-quant against integer ONNX: prediction flips on the test split, layer gap on validation."""
+    flips = quant.prediction_flips(fake, kws_export.onnx_predict(path, feats.test_x), feats.test_x, feats.test_y)
+    rows = quant.layer_gap(fake, quant.read_integer_onnx(path), feats.val_x[:GAP_CLIPS])
+    return {"flips": asdict(flips), "layer_gap": [asdict(r) for r in rows]}
 
 
 def run_recipe(recipe: Recipe, model: nn.Module, feats: training.FeatureSets,
@@ -104,6 +123,7 @@ def run_recipe(recipe: Recipe, model: nn.Module, feats: training.FeatureSets,
     """Train one candidate from ``model`` (also the teacher); its curve, time and ONNX scores."""
     start = time.perf_counter()
     lr = base_lr * recipe.lr_factor
+    epochs = recipe.epochs or epochs
     try:
         if recipe.kd_temperature is None:   # quant.qat's steps, unrolled to score the fake-quant model
             wrapper = distill.qat_wrapper(model, BITS, epochs)
@@ -122,9 +142,11 @@ def run_recipe(recipe: Recipe, model: nn.Module, feats: training.FeatureSets,
                 distill.KDLoss(recipe.kd_temperature, recipe.ce_weight),
                 labels=feats.train_y if recipe.ce_weight else None, val=(feats.val_x, feats.val_y))
         # the fake-quant model as the integer model computes it (issue 18: it should predict the ONNX)
-        fake_acc = quant.accuracy(quant.match_integer_model(copy.deepcopy(wrapper)), feats.test_x, feats.test_y)
+        fake = quant.match_integer_model(copy.deepcopy(wrapper))
+        fake_acc = quant.accuracy(fake, feats.test_x, feats.test_y)
         wrapper.convert()   # TI's convert() turns the wrapper itself into the integer model
         scores = score_onnx(wrapper, recipe.name, feats, real)
+        scores.update(gap_record(fake, onnx_path(recipe.name), feats))
     except FloatingPointError as err:   # a diverged run is a result too
         return {**asdict(recipe), "epochs": epochs, "lr": lr, "diverged": str(err)}
     out = {**asdict(recipe), "epochs": epochs, "lr": lr, "backend": type(wrapper).__module__,

@@ -117,9 +117,14 @@ def test_int2_recipe_runs_end_to_end(monkeypatch, tmp_path) -> None:
     feats = training.FeatureSets("synthetic", x, y, torch.randn(20, *config.INPUT_SHAPE),
                                  torch.randint(0, 12, (20,)), torch.randn(20, *config.INPUT_SHAPE),
                                  torch.randint(0, 12, (20,)))
-    recipe = recipes.Recipe("tiny", kd_temperature=4.0, rounded_start=True, freeze_bn_epoch=0)
-    out = recipes.run_recipe(recipe, _teacher(), feats, None, feats.val_x, 3, 0.01, 20)
-    assert len(out["val_acc"]) == 3 and isinstance(out["converged"], bool)
+    recipe = recipes.Recipe("tiny", kd_temperature=4.0, rounded_start=True, freeze_bn_epoch=0, epochs=3)
+    out = recipes.run_recipe(recipe, _teacher(), feats, None, feats.val_x, 2, 0.01, 20)   # the recipe's 3 epochs win
+    assert len(out["val_acc"]) == out["epochs"] == 3 and isinstance(out["converged"], bool)
+    flips = out["flips"]   # the gap record: the flips add up to fake-quant minus ONNX accuracy
+    assert flips["clips"] == 20 and flips["fake_only_right"] + flips["integer_only_right"] <= flips["differ"]
+    assert flips["fake_only_right"] - flips["integer_only_right"] == \
+        round(20 * (out["fake_quant_test_accuracy"] - out["onnx_test_accuracy"]))
+    assert [g["op"] for g in out["layer_gap"]][-2:] == ["avgpool", "linear"]
     assert out["onnx_identical_to_torch"] and 0 <= out["onnx_test_accuracy"] <= 1
     assert (tmp_path / "int2_recipes" / "onnx" / out["onnx"]).is_file()
     assert recipes.converged([0.5, 0.9, 0.905, 0.899]) and not recipes.converged([0.9, 0.8, 0.9])

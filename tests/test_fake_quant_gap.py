@@ -104,3 +104,33 @@ def test_both_backends_identical_with_the_npu_pool(tiny: SimpleNamespace, tmp_pa
         rows = quant.layer_gap(before, quant.read_integer_onnx(path), tiny.x)
         assert rows[-2].max_abs <= 1
     assert np.array_equal(outputs["course"], outputs["ti"])
+
+
+def test_prediction_flips_add_up_to_the_accuracy_gap(tiny: SimpleNamespace) -> None:
+    torch.manual_seed(1)
+    fake = nn.Sequential(nn.Flatten(), nn.Linear(tiny.x[0].numel(), 12)).eval()
+    with torch.no_grad():
+        fake_logits = fake(tiny.x).numpy()
+    y = fake_logits.argmax(1).copy()
+    logits = fake_logits.copy()
+    other = (y + 1) % 12
+    logits[np.arange(10), other[:10]] = logits[:10].max(1) + 0.5       # 10 clips: integer now wrong
+    y[10:15] = other[10:15]                                           # 5 clips the fake model gets wrong ...
+    logits[np.arange(10, 15), other[10:15]] = logits[10:15].max(1) + 0.5   # ... and the integer one right
+    flips = quant.prediction_flips(fake, logits, tiny.x, torch.as_tensor(y))
+    assert (flips.clips, flips.differ, flips.fake_only_right, flips.integer_only_right) == (96, 15, 10, 5)
+    fake_acc, int_acc = (fake_logits.argmax(1) == y).mean(), (logits.argmax(1) == y).mean()
+    assert flips.gap_points == pytest.approx(100 * (fake_acc - int_acc))
+    assert flips.margin_flipped == pytest.approx(0.5)
+
+
+def test_prediction_flips_none_and_bad_shapes(tiny: SimpleNamespace) -> None:
+    net = tiny.net.eval()
+    with torch.no_grad():
+        logits = net(tiny.x).numpy()
+    y = torch.as_tensor(logits.argmax(1))
+    flips = quant.prediction_flips(net, logits, tiny.x, y)
+    assert (flips.differ, flips.gap_points) == (0, 0.0) and np.isnan(flips.margin_flipped)
+    assert quant.top2_margin(np.array([[1.0, 3.0, 3.0], [0.0, 5.0, 1.0]])).tolist() == [0.0, 4.0]
+    with pytest.raises(ValueError, match="integer_logits has 3 rows"):
+        quant.prediction_flips(net, logits[:3], tiny.x, y)

@@ -45,7 +45,8 @@ pooling divisor also with power-of-2 scales), and the weight observers ``'mse'``
 ``'current_minmax'`` (ranges from the current weights instead of TI's running min/max).
 ``match_integer_model(wrapper)`` (either backend) makes the fake-quant model compute what the
 integer model computes: the pool's 1-bit ``1/64`` for 125 positions and no re-rounding after
-Dropout/Flatten; ``layer_gap`` measures what is left, layer by layer.
+Dropout/Flatten; ``layer_gap`` measures what is left, layer by layer, and ``prediction_flips`` counts the clips
+whose class it changes.
 
 Numbers (TI's): weights are symmetric, ``[-(2**(b-1) - 1), 2**(b-1) - 1]`` (int8 [-127, 127],
 int4 [-7, 7], int2 ternary [-1, 1]) with one scale per output channel; activations 8-bit,
@@ -64,9 +65,9 @@ from kws_utils.quant.onnx_form import export_integer_onnx, export_qdq_onnx
 from kws_utils.quant.integer import (InputStage, IntegerModel, IntLayer, build_integer_model,
                                      requant_params, run_layer)
 from kws_utils.quant.onnx_read import read_integer_onnx
-from kws_utils.quant.gap import (GAP_HEADERS, LayerGap, NpuPoolGain, PassThrough, gap_table,
+from kws_utils.quant.gap import (GAP_HEADERS, Flips, LayerGap, NpuPoolGain, PassThrough, gap_table,
                                  layer_gap, match_integer_model, match_npu_pool, pool_gain,
-                                 skip_pass_through_quantizers)
+                                 prediction_flips, skip_pass_through_quantizers, top2_margin)
 from kws_utils.quant.wrappers import (TINPUTinyMLPTQFxModule, TINPUTinyMLQATFxModule,
                                       TINPUTinyMLQuantFxModule, TinyMLModelQConfigFormat,
                                       quant_backend, ti_installed)

@@ -285,6 +285,7 @@ class VariantResult:
     int_acc: float              # the PyTorch integer model on the test set
     onnx_acc: float             # the exported ONNX file under onnxruntime on the test set
     onnx_identical: bool        # ONNX outputs == PyTorch integer outputs, bit for bit
+    fake_quant: nn.Module       # the fake-quant model that was scored, kept from before convert()
 
 
 def quantize_variant(model: nn.Module, feats: Any, bits: int, method: str,
@@ -318,7 +319,9 @@ def quantize_variant(model: nn.Module, feats: Any, bits: int, method: str,
     else:
         raise ValueError(f"method {method!r}: use one of {QUANT_METHODS}.")
     # TI's convert() replaces the fake-quantized model in place: measure it first.
-    scored = match_integer_model(copy.deepcopy(wrapper)) if match_integer else wrapper
+    scored = copy.deepcopy(wrapper)
+    if match_integer:
+        match_integer_model(scored)
     fake_acc = accuracy(scored, feats.test_x, feats.test_y)
     wrapper.convert()
     seconds = time.perf_counter() - start
@@ -327,4 +330,4 @@ def quantize_variant(model: nn.Module, feats: Any, bits: int, method: str,
     onnx_acc, identical = onnx_check(int_mod, path, feats.test_x, feats.test_y)
     return VariantResult(bits, method, wrapper, int_mod, tinpu_onnx.load_integer_onnx(path), path,
                          seconds, history, fake_acc, accuracy(int_mod, feats.test_x, feats.test_y),
-                         onnx_acc, identical)
+                         onnx_acc, identical, scored)

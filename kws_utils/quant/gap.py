@@ -226,3 +226,44 @@ def gap_table(rows: list[LayerGap]) -> list[tuple]:
 
 GAP_HEADERS = ["layer", "op", "step", "outputs differing", "mean |diff| (steps)",
                "max |diff| (steps)", "integer outputs at the clamp"]
+
+
+@dataclass
+class Flips:
+    """Where a fake-quant model and its integer model predict different classes on labelled clips."""
+
+    clips: int
+    differ: int               # clips whose predicted class differs
+    fake_only_right: int      # fake-quant right, integer wrong
+    integer_only_right: int   # integer right, fake-quant wrong
+    margin_all: float         # median top-2 margin of the integer logits, in output steps, all clips
+    margin_flipped: float     # the same on the clips that flip (nan when none flips)
+
+    @property
+    def gap_points(self) -> float:
+        """Fake-quant minus integer accuracy, in points: what the flips add up to."""
+        return 100 * (self.fake_only_right - self.integer_only_right) / self.clips
+
+
+def top2_margin(logits: np.ndarray) -> np.ndarray:
+    """Per row: the largest logit minus the second largest (0 on a tie)."""
+    top = np.sort(np.asarray(logits, dtype=np.float64), axis=1)
+    return top[:, -1] - top[:, -2]
+
+
+def prediction_flips(fake: nn.Module, integer_logits: np.ndarray, x: torch.Tensor,
+                     y: torch.Tensor, batch_size: int = 500) -> Flips:
+    """Compare a fake-quant model's predictions on ``x`` with its integer model's logits (ONNX output)."""
+    integer_logits = np.asarray(integer_logits)
+    if integer_logits.shape[0] != len(x) or len(x) != len(y) or len(x) == 0:
+        raise ValueError(f"integer_logits has {integer_logits.shape[0]} rows, x {len(x)} and y {len(y)}: give "
+                         "the integer model's outputs for exactly these labelled clips (at least one).")
+    fake.eval()
+    with torch.no_grad():
+        fake_pred = torch.cat([fake(x[i:i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)]).numpy()
+    int_pred, labels = integer_logits.argmax(1), y.numpy()
+    differ = fake_pred != int_pred
+    margin = top2_margin(integer_logits)
+    return Flips(len(labels), int(differ.sum()), int((differ & (fake_pred == labels)).sum()),
+                 int((differ & (int_pred == labels)).sum()), float(np.median(margin)),
+                 float(np.median(margin[differ])) if differ.any() else float("nan"))
