@@ -236,7 +236,7 @@ class Flips:
     differ: int               # clips whose predicted class differs
     fake_only_right: int      # fake-quant right, integer wrong
     integer_only_right: int   # integer right, fake-quant wrong
-    margin_all: float         # median top-2 margin of the integer logits, in output steps, all clips
+    margin_all: float         # median top-2 margin of the integer logits (integer steps of fc6's output), all clips
     margin_flipped: float     # the same on the clips that flip (nan when none flips)
 
     @property
