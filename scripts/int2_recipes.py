@@ -125,16 +125,13 @@ def run_recipe(recipe: Recipe, model: nn.Module, feats: training.FeatureSets,
     lr = base_lr * recipe.lr_factor
     epochs = recipe.epochs or epochs
     try:
+        init = distill.rounded_start(model, BITS, calib_x) if recipe.rounded_start else model
+        wrapper = distill.qat_wrapper(init, BITS, epochs)
+        if recipe.match_integer:
+            quant.match_integer_model(wrapper)
         if recipe.kd_temperature is None:   # quant.qat's steps, unrolled to score the fake-quant model
-            wrapper = distill.qat_wrapper(model, BITS, epochs)
-            if recipe.match_integer:
-                quant.match_integer_model(wrapper)
             history = quant.qat_fit(wrapper, feats, epochs, lr, batch_size, training.set_seed(config.SEED))
         else:
-            init = distill.rounded_start(model, BITS, calib_x) if recipe.rounded_start else model
-            wrapper = distill.qat_wrapper(init, BITS, epochs)
-            if recipe.match_integer:
-                quant.match_integer_model(wrapper)
             history = distill.distill_fit(
                 wrapper, model, feats.train_views,
                 distill.Schedule(epochs, lr, batch_size, recipe.warmup_epochs, recipe.freeze_bn_epoch,
