@@ -2,7 +2,7 @@
 
 Protocol (issue 18): the MLPerf reference DS-CNN, calibrated on ``SUBSETS`` seeded draws of
 ``SIZE`` real non-test clips (``real_audio.calibration_subsets``, from the calibration pool),
-converted, exported to the TI integer ONNX and scored under onnxruntime on the official
+each with ``config.CALIB_COPIES`` augmented copies (time shift + real noise), converted, exported to the TI integer ONNX and scored under onnxruntime on the official
 Speech Commands test set (4,890 clips, scoring only). Learned rounding is the one call
 ``quant.learn_rounding(wrapper, calib)`` with its defaults. Times are wall seconds per
 calibration subset (calibration + learned rounding) with ``KWS_BENCH_THREADS`` torch threads
@@ -49,7 +49,7 @@ def score(bits: int, calib: torch.Tensor, learn: bool, x: torch.Tensor, y: torch
 
 def run() -> dict:
     """Float accuracy, then mean/min integer-ONNX accuracy over the subsets per bit width and method."""
-    test, subsets = real_audio.test_set(download=False), real_audio.calibration_subsets(SUBSETS, SIZE)
+    test, subsets = real_audio.test_set(download=False), real_audio.calibration_subsets(SUBSETS, SIZE, copies=config.CALIB_COPIES)
     if test is None or len(subsets) < SUBSETS:
         return {"skipped": "official test set or real calibration pool absent"}
     torch.set_num_threads(int(os.environ.get("KWS_BENCH_THREADS", "1")))
@@ -57,7 +57,8 @@ def run() -> dict:
     with torch.no_grad():
         float_acc = quant.accuracy(model.reference_model(), x, y)
     out = {"trained_on": "MLPerf reference DS-CNN (Speech Commands v0.02 train split)",
-           "calibrated_on": f"{SUBSETS} seeded subsets of {SIZE} clips of the real calibration pool",
+           "calibrated_on": f"{SUBSETS} seeded subsets of {SIZE} clips of the real calibration pool, "
+                            f"each clip + {config.CALIB_COPIES} augmented copies (time shift, real noise)",
            "scored_on": f"{real_audio.describe_test()}, {len(y)} clips, integer ONNX (onnxruntime)",
            "threads": torch.get_num_threads(), "float_acc": round(float_acc, 4), "results": {}}
     with tempfile.TemporaryDirectory() as tmp:

@@ -144,17 +144,40 @@ def pool_set() -> tuple[torch.Tensor, torch.Tensor] | None:
     return _features_of(clips, "calibration_pool"), torch.tensor([c.label for c in clips])
 
 
-def calibration_subsets(n_subsets: int, size: int, seed: int = config.SEED) -> list[torch.Tensor]:
-    """``n_subsets`` seeded random draws of ``size`` real non-test clips (MFCC inputs); [] if none."""
+def calibration_subsets(n_subsets: int, size: int, seed: int = config.SEED,
+                        copies: int = 0) -> list[torch.Tensor]:
+    """``n_subsets`` seeded draws of ``size`` real non-test clips (MFCC), each + ``copies`` augmented views."""
     pool = pool_set()
     if pool is None:
         return []
     if not 0 < size <= len(pool[0]):
         raise InputError(f"size={size}: the real calibration pool holds {len(pool[0])} clips; "
                          f"choose 1..{len(pool[0])}.")
+    if isinstance(copies, bool) or not isinstance(copies, int) or copies < 0:
+        raise InputError(f"copies={copies!r}: give the number of augmented copies per clip, a whole "
+                         f"number >= 0 (config.CALIB_COPIES = {config.CALIB_COPIES}).")
     rng = np.random.default_rng(seed)
-    return [pool[0][torch.from_numpy(np.sort(rng.choice(len(pool[0]), size, replace=False)))]
-            for _ in range(n_subsets)]
+    picks = [np.sort(rng.choice(len(pool[0]), size, replace=False)) for _ in range(n_subsets)]
+    if copies == 0:
+        return [pool[0][torch.from_numpy(p)] for p in picks]
+    clips, noise = pool_clips(), calibration_noise()
+    out = []
+    for i, pick in enumerate(picks):
+        waves = data.load_clips([clips[j] for j in pick], desc="load calibration clips")
+        gen = torch.Generator().manual_seed(seed + i)
+        views = [features.compute_features(waves, augment=(noise, gen), desc="MFCC augmented copies")
+                 for _ in range(copies)]
+        out.append(torch.cat([pool[0][torch.from_numpy(pick)], *views]))
+    return out
+
+
+def calibration_noise() -> list[np.ndarray]:
+    """The real noise recordings (float, [-1, 1]) for augmented calibration copies; validation's held out."""
+    folder = noise_dir()
+    if folder is None:
+        raise FileNotFoundError("augmented calibration copies need the real background-noise recordings "
+                                f"({shared_dir() / config.BACKGROUND_NOISE_DIR}); pass copies=0 without them.")
+    return data.noise_bank(data.DatasetInfo("real", folder.parent, folder.parent, ""))
 
 
 def describe_test() -> str:

@@ -10,6 +10,10 @@ picks the recipe on the validation split.
     python scripts/int2_recipes.py                          # default profile: 3-4 min per recipe on 2 cores
     python scripts/int2_recipes.py --only "TI's plain recipe" ...   # a subset, by name; other rows are kept
 
+Kept rows that started from learned rounding are marked ``earlier_start`` when learned-rounding PTQ
+now scores differently (the rounding method changed since they ran): notebook 05 labels them and
+picks its recipe among the others.
+
 Writes output/int2_recipes/<profile>_<dataset>.json (see results_path).
 """
 from __future__ import annotations
@@ -169,15 +173,18 @@ def baselines(model: nn.Module, feats: training.FeatureSets,
 
 
 def kept_rows(path: Path, result: dict, rerun: set[str]) -> dict[str, dict]:
-    """Rows of an earlier results file that this run does not redo (same data, seed and baseline)."""
+    """Rows of an earlier results file that this run does not redo (same model, data and seed).
+
+    A row that started from learned rounding keeps, in ``earlier_start``, the learned-rounding PTQ
+    accuracy of the start it had when that differs from this run's (the rounding method changed).
+    """
     if not path.is_file():
         return {}
     try:
         earlier = json.loads(path.read_text())
         same = all(earlier.get(k) == result[k] for k in ("profile", "dataset", "seed", "bits",
-                                                         "float_test_accuracy")) \
-            and earlier["learned_rounding_ptq"]["onnx_test_accuracy"] == \
-            result["learned_rounding_ptq"]["onnx_test_accuracy"]
+                                                         "float_test_accuracy"))
+        earlier_ptq = earlier["learned_rounding_ptq"]["onnx_test_accuracy"]
     except (ValueError, KeyError, TypeError, AttributeError):
         print(f"{path}: not a results file of this script; it will be replaced by this run's rows")
         return {}
@@ -185,8 +192,13 @@ def kept_rows(path: Path, result: dict, rerun: set[str]) -> dict[str, dict]:
         print(f"{path}: its rows come from another model or dataset; this run replaces them")
         return {}
     names = {r.name for r in RECIPES}
-    return {row["name"]: row for row in earlier.get("recipes", [])
+    kept = {row["name"]: row for row in earlier.get("recipes", [])
             if row["name"] in names and row["name"] not in rerun}
+    for row in kept.values():
+        if row.get("rounded_start") and "earlier_start" not in row \
+                and earlier_ptq != result["learned_rounding_ptq"]["onnx_test_accuracy"]:
+            row["earlier_start"] = {"learned_rounding_ptq_onnx_test_accuracy": earlier_ptq}
+    return kept
 
 
 def main() -> None:
@@ -210,6 +222,8 @@ def main() -> None:
               "trained_on": f"{info.kind} training split", "calibrated_on": f"{info.kind} validation split",
               "scored_on": [f"{info.kind} test split", real_audio.describe_test() if real else None],
               "torch_threads": torch.get_num_threads(), "machine": platform.machine(),
+              "learned_rounding": {"steps": prof.rounding_iters, "reg": quant.rounding.REG,
+                                   "lr": quant.rounding.LR},
               **baselines(model, feats, real, calib_x), "recipes": []}
     path = results_path(prof.name, info.kind)
     rows = kept_rows(path, result, {r.name for r in chosen})

@@ -179,3 +179,19 @@ def test_int2_recipes_keep_rows_of_the_same_model_only(tmp_path) -> None:
     assert recipes.kept_rows(path, now, set()) == {}
     path.write_text("[1, 2]")
     assert recipes.kept_rows(path, now, set()) == {}
+
+
+def test_int2_recipes_mark_rows_from_an_earlier_learned_rounding_start(tmp_path) -> None:
+    sys.path.insert(0, str(SCRIPTS))
+    recipes = importlib.import_module("int2_recipes")
+    plain, rounded = recipes.RECIPES[0], next(r for r in recipes.RECIPES if r.rounded_start)
+    base = {"profile": "ci", "dataset": "synthetic", "seed": 1, "bits": 2, "float_test_accuracy": 0.9,
+            "learned_rounding_ptq": {"onnx_test_accuracy": 0.7}}
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({**base, "recipes": [{"name": plain.name, "rounded_start": False},
+                                                    {"name": rounded.name, "rounded_start": True}]}))
+    same = recipes.kept_rows(path, base, set())
+    assert not any("earlier_start" in row for row in same.values())
+    moved = recipes.kept_rows(path, {**base, "learned_rounding_ptq": {"onnx_test_accuracy": 0.9}}, set())
+    assert "earlier_start" not in moved[plain.name]      # its start does not use learned rounding
+    assert moved[rounded.name]["earlier_start"] == {"learned_rounding_ptq_onnx_test_accuracy": 0.7}

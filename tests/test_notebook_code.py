@@ -176,7 +176,8 @@ def test_notebook05_learned_rounding_loop_is_the_package_loop() -> None:
     q, scale, new_bias = ns["learn_layer_rounding"](weight, bias, start, -1, 1, x, target, iters=60, seed=3)
     bar = SimpleNamespace(update=lambda n: None)
     ((q_pkg, scale_pkg, bias_pkg),) = rounding._learn_block([layer], [None], x, None, target, 60, 32,
-                                                            1e-2, 0.01, torch.Generator().manual_seed(3), bar)
+                                                            rounding.LR, rounding.REG,
+                                                            torch.Generator().manual_seed(3), bar)
     assert torch.equal(q, q_pkg)
     torch.testing.assert_close(scale.reshape(-1), scale_pkg.reshape(-1), rtol=1e-6, atol=0)
     torch.testing.assert_close(new_bias, bias_pkg, rtol=1e-6, atol=1e-7)

@@ -80,6 +80,19 @@ def test_calibration_subsets_are_seeded_and_distinct() -> None:
         real_audio.calibration_subsets(1, 0)
 
 
+@needs_pool
+def test_calibration_copies_add_augmented_views_of_the_same_clips() -> None:
+    (clean,) = real_audio.calibration_subsets(1, 20, seed=2)
+    (aug,) = real_audio.calibration_subsets(1, 20, seed=2, copies=2)
+    (again,) = real_audio.calibration_subsets(1, 20, seed=2, copies=2)
+    assert tuple(aug.shape) == (60, *config.INPUT_SHAPE)
+    assert torch.equal(aug[:20], clean) and torch.equal(aug, again)     # clean first, seeded copies
+    assert not torch.equal(aug[20:40], clean) and not torch.equal(aug[20:40], aug[40:])
+    for bad in (-1, 1.5, True):
+        with pytest.raises(InputError, match="copies="):
+            real_audio.calibration_subsets(1, 20, copies=bad)
+
+
 def test_calibrating_on_registered_test_inputs_is_refused() -> None:
     x = torch.randn(20, *config.INPUT_SHAPE)
     holdout.register_test_inputs(x[:10], "a unit-test test set")
