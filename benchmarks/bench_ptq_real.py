@@ -2,8 +2,8 @@
 
 Protocol (issue 18): the MLPerf reference DS-CNN, calibrated on ``SUBSETS`` seeded draws of
 ``SIZE`` real non-test clips (``real_audio.calibration_subsets``, from the calibration pool),
-each with ``config.CALIB_COPIES`` augmented copies (time shift + real noise), converted, exported to the TI integer ONNX and scored under onnxruntime on the official
-Speech Commands test set (4,890 clips, scoring only). Learned rounding is the one call
+each with ``config.CALIB_COPIES`` augmented copies (time shift + real noise), converted, exported
+to the TI integer ONNX and scored under onnxruntime on the official Speech Commands test set (4,890 clips, scoring only). Learned rounding is the one call
 ``quant.learn_rounding(wrapper, calib)`` with its defaults. Times are wall seconds per
 calibration subset (calibration + learned rounding) with ``KWS_BENCH_THREADS`` torch threads
 (default 1); on a shared machine they vary with the load.
@@ -49,9 +49,11 @@ def score(bits: int, calib: torch.Tensor, learn: bool, x: torch.Tensor, y: torch
 
 def run() -> dict:
     """Float accuracy, then mean/min integer-ONNX accuracy over the subsets per bit width and method."""
-    test, subsets = real_audio.test_set(download=False), real_audio.calibration_subsets(SUBSETS, SIZE, copies=config.CALIB_COPIES)
+    test = real_audio.test_set(download=False)
+    subsets = real_audio.calibration_subsets(SUBSETS, SIZE, copies=config.CALIB_COPIES) \
+        if real_audio.noise_dir() is not None else []
     if test is None or len(subsets) < SUBSETS:
-        return {"skipped": "official test set or real calibration pool absent"}
+        return {"skipped": "official test set, real calibration pool or real noise recordings absent"}
     torch.set_num_threads(int(os.environ.get("KWS_BENCH_THREADS", "1")))
     x, y = test
     with torch.no_grad():

@@ -172,7 +172,7 @@ def calibration_subsets(n_subsets: int, size: int, seed: int = config.SEED,
 
 
 def calibration_noise() -> list[np.ndarray]:
-    """The real noise recordings (float, [-1, 1]) for augmented calibration copies; validation's held out."""
+    """The real noise recordings (float, [-1, 1]) for augmented calibration copies, minus validation's."""
     folder = noise_dir()
     if folder is None:
         raise FileNotFoundError("augmented calibration copies need the real background-noise recordings "
