@@ -77,6 +77,45 @@ def test_learned_rounding_differs_from_nearest_and_lowers_the_error(bits: int) -
     assert sum(r.learned_error for r in report) < sum(r.nearest_error for r in report)
 
 
+@pytest.mark.parametrize("iters", (3, ITERS))   # 3 steps: some blocks keep round-to-nearest
+def test_report_errors_are_those_of_the_final_network(iters: int) -> None:
+    # learn_rounding reuses one forward pass for a block's result and the next block's input;
+    # each reported error must still be that of the network it hands back.
+    wrapper = _calibrated(2)
+    reference = rounding.float_copy(wrapper.module)
+    report = quant.learn_rounding(wrapper, _inputs(), iters=iters, progress=False)
+    final = quant.layer_errors(wrapper, _inputs(), reference)
+    blocks = rounding._blocks(wrapper.module)
+    for block in blocks:
+        last = block[-1][0]
+        for name, _ in block:
+            got = next(r for r in report if r.name == name)
+            assert got.learned_error == pytest.approx(final[last], rel=1e-5), name
+
+
+def test_a_block_that_gets_worse_keeps_nearest_and_the_next_block_starts_from_it(monkeypatch) -> None:
+    original, calls = rounding._learn_block, []
+
+    def spoiled(*args, **kwargs):   # the second block learns a ruinous bias
+        calls.append(1)
+        out = original(*args, **kwargs)
+        return [(q, s, b + 100.0) for q, s, b in out] if len(calls) == 2 else out
+
+    monkeypatch.setattr(rounding, "_learn_block", spoiled)
+    wrapper, fresh = _calibrated(2), _calibrated(2)
+    reference = rounding.float_copy(wrapper.module)
+    report = {r.name: r for r in quant.learn_rounding(wrapper, _inputs(), iters=ITERS, progress=False)}
+    blocks = rounding._blocks(wrapper.module)
+    for name, _ in blocks[1]:
+        assert report[name].flipped == 0 and report[name].learned_error == report[name].nearest_error
+    # The next block's starting error, rebuilt: learned first block, round-to-nearest second one.
+    fresh.module.apply(torch.ao.quantization.disable_observer)
+    for name, _ in blocks[0] + blocks[1]:
+        fresh.module.get_submodule(name).load_state_dict(wrapper.module.get_submodule(name).state_dict())
+    start = quant.layer_errors(fresh, _inputs(), reference)[blocks[2][-1][0]]
+    assert report[blocks[2][0][0]].nearest_error == pytest.approx(start, rel=1e-5)
+
+
 def test_int8_keeps_power_of_two_scales() -> None:
     wrapper, _, _ = _learned(8)
     for _, mod in rounding.weighted_layers(wrapper.module):
