@@ -4,7 +4,9 @@ Protocol (issue 18): the MLPerf reference DS-CNN, calibrated on ``SUBSETS`` seed
 ``SIZE`` real non-test clips (``real_audio.calibration_subsets``, from the calibration pool),
 each with ``config.CALIB_COPIES`` augmented copies (time shift + real noise), converted, exported
 to the TI integer ONNX and scored under onnxruntime on the official Speech Commands test set (4,890 clips, scoring only). Learned rounding is the one call
-``quant.learn_rounding(wrapper, calib)`` with its defaults. Times are wall seconds per
+``quant.learn_rounding(wrapper, calib)`` with its defaults. At 4 and 2 bits learned rounding also
+runs with the first and last layer kept 8-bit (``model.EDGE_LAYERS``, TI's ``mixed_precision``),
+a common choice in low-bit quantization; each row gives its packed weight bytes. Times are wall seconds per
 calibration subset (calibration + learned rounding) with ``KWS_BENCH_THREADS`` torch threads
 (default 1); on a shared machine they vary with the load.
 Writes output/bench_ptq_real.json (atomically).
@@ -31,10 +33,10 @@ BITS = tuple(int(b) for b in os.environ.get("KWS_BENCH_BITS", "8,4,2").split(","
 
 
 def score(bits: int, calib: torch.Tensor, learn: bool, x: torch.Tensor, y: torch.Tensor,
-          folder: Path) -> tuple[float, float]:
-    """(integer-ONNX accuracy on x, seconds of calibration + learned rounding) for one subset."""
+          folder: Path, keep_8bit: tuple[str, ...] = ()) -> tuple[float, float, int]:
+    """(integer-ONNX accuracy on x, seconds of calibration + learned rounding, packed weight bytes)."""
     wrapper = quant.TINPUTinyMLPTQFxModule(model.reference_model(), total_epochs=1,
-                                           qconfig_type=quant.qconfig_for(bits))
+                                           qconfig_type=quant.qconfig_for(bits, keep_8bit=keep_8bit))
     quant.match_integer_model(wrapper)   # learn on the network the integer model computes
     start = time.perf_counter()
     quant.calibrate(wrapper, calib)
@@ -44,7 +46,13 @@ def score(bits: int, calib: torch.Tensor, learn: bool, x: torch.Tensor, y: torch
     wrapper.convert()
     path = quant.export_integer(wrapper, folder / f"int{bits}_{'learned' if learn else 'nearest'}.onnx")
     logits = export.onnx_predict(path, x)
-    return float((logits.argmax(1) == y.numpy()).mean()), seconds
+    return float((logits.argmax(1) == y.numpy()).mean()), seconds, quant.packed_weight_bytes(path)
+
+
+def variants() -> list[tuple[str, int, bool, tuple[str, ...]]]:
+    """(key, bits, learned rounding?, 8-bit layers) of every measured variant."""
+    out = [(f"int{b}_{'learned' if learn else 'nearest'}", b, learn, ()) for b in BITS for learn in (False, True)]
+    return out + [(f"int{b}_edges8_learned", b, True, model.EDGE_LAYERS) for b in BITS if b < 8]
 
 
 def run() -> dict:
@@ -64,25 +72,25 @@ def run() -> dict:
            "scored_on": f"{real_audio.describe_test()}, {len(y)} clips, integer ONNX (onnxruntime)",
            "threads": torch.get_num_threads(), "float_acc": round(float_acc, 4), "results": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        for bits in BITS:
-            for learn in (False, True):
-                runs = [score(bits, calib, learn, x, y, Path(tmp)) for calib in subsets]
-                accs = [a for a, _ in runs]
-                key = f"int{bits}_{'learned' if learn else 'nearest'}"
-                out["results"][key] = {"accs": [round(a, 4) for a in accs],
-                                       "mean": round(sum(accs) / len(accs), 4),
-                                       "min": round(min(accs), 4),
-                                       "seconds_per_subset": round(sum(s for _, s in runs) / len(runs), 1)}
-                print(f"{key}: {out['results'][key]}", flush=True)
+        for key, bits, learn, keep in variants():
+            runs = [score(bits, calib, learn, x, y, Path(tmp), keep) for calib in subsets]
+            accs = [a for a, _, _ in runs]
+            out["results"][key] = {"accs": [round(a, 4) for a in accs],
+                                   "mean": round(sum(accs) / len(accs), 4),
+                                   "min": round(min(accs), 4),
+                                   "seconds_per_subset": round(sum(s for _, s, _ in runs) / len(runs), 1),
+                                   "weights_8bit": list(keep), "packed_weight_bytes": runs[0][2]}
+            print(f"{key}: {out['results'][key]}", flush=True)
     return out
 
 
 def table(out: dict) -> str:
     """The results as a plain-text table."""
     lines = [f"float: {out['float_acc']:.2%}  ({out['scored_on']})",
-             f"{'weights / PTQ':<18}{'mean':>9}{'min':>9}{'s/subset':>10}"]
+             f"{'weights / PTQ':<22}{'mean':>9}{'min':>9}{'s/subset':>10}{'bytes':>8}"]
     for key, r in out["results"].items():
-        lines.append(f"{key:<18}{r['mean']:>9.2%}{r['min']:>9.2%}{r['seconds_per_subset']:>10.1f}")
+        lines.append(f"{key:<22}{r['mean']:>9.2%}{r['min']:>9.2%}{r['seconds_per_subset']:>10.1f}"
+                     f"{r.get('packed_weight_bytes', 0):>8,}")
     return "\n".join(lines)
 
 

@@ -191,6 +191,29 @@ def test_ti_example_settings_are_accepted_and_mixed_layers_keep_8_bits() -> None
                                                     "pointwise3")} == {4}
 
 
+@pytest.mark.parametrize("bits", [4, 2])
+def test_keep_8bit_edges_learned_rounding_keeps_their_width(bits: int, tmp_path) -> None:
+    qt = quant.qconfig_for(bits, keep_8bit=model.EDGE_LAYERS)
+    assert qt["weight"]["mixed_precision"] == {8: list(model.EDGE_LAYERS)}
+    x = torch.randn(64, *config.INPUT_SHAPE) * 8
+    wrapper = quant.calibrate(quant.TINPUTinyMLPTQFxModule(_random_dscnn(), total_epochs=1, qconfig_type=qt), x)
+    quant.learn_rounding(wrapper, x, iters=5, progress=False)
+    layers = [l for l in wrapper.convert().layers if l.weight is not None]
+    assert {l.name for l in layers if l.weight_bits == 8} == set(model.EDGE_LAYERS)
+    assert {l.weight_bits for l in layers if l.name not in model.EDGE_LAYERS} == {bits}
+    limit = 2 ** (bits - 1) - 1
+    assert all(np.abs(l.weight).max() <= limit for l in layers if l.name not in model.EDGE_LAYERS)
+    full = quant.packed_weight_bytes(quant.export_integer(wrapper, tmp_path / "edges.onnx"))
+    assert full > sum(l.weight.size for l in layers) * bits // 8   # the edge layers cost 8 bits each
+
+
+def test_keep_8bit_is_checked_and_ignored_at_8_bits() -> None:
+    assert "mixed_precision" not in quant.qconfig_for(8, keep_8bit=model.EDGE_LAYERS)["weight"]
+    for bad in ("conv1", 5, ("conv1", 2)):
+        with pytest.raises(TypeError, match="keep_8bit"):
+            quant.qconfig_for(2, keep_8bit=bad)
+
+
 def test_mixed_precision_names_unknown_layer() -> None:
     qt = {"weight": {"bitwidth": 4, "power2_scale": False, "mixed_precision": {8: ["conv9"]}}}
     with pytest.raises(ValueError, match="conv9"):

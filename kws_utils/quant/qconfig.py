@@ -31,20 +31,31 @@ def default_qconfig_type() -> dict:
     return qconfig_for(8)
 
 
-def qconfig_for(weight_bits: int, power2_scale: bool | None = None) -> dict:
-    """A plain qconfig_type dict for 8, 4 or 2-bit weights (power-of-2 weight scales only for 8 bits)."""
+def qconfig_for(weight_bits: int, power2_scale: bool | None = None,
+                keep_8bit: tuple[str, ...] = ()) -> dict:
+    """A plain qconfig_type dict for 8, 4 or 2-bit weights (power-of-2 weight scales only for 8 bits).
+
+    ``keep_8bit``: layer names whose weights stay 8-bit (TI's ``mixed_precision``), e.g.
+    ``model.EDGE_LAYERS``, the first and last layer.
+    """
     if weight_bits not in WEIGHT_BITS:
         raise ValueError(f"weight_bits={weight_bits}: the TI NPU supports {WEIGHT_BITS}.")
     if power2_scale is not None and not isinstance(power2_scale, bool):
         raise InputTypeError(f"power2_scale={power2_scale!r}: give True, False or None (None: "
                              "power-of-2 scales for 8-bit weights only).")
+    if not isinstance(keep_8bit, (tuple, list)) or not all(isinstance(n, str) for n in keep_8bit):
+        raise InputTypeError(f"keep_8bit={keep_8bit!r}: give a tuple of layer names, e.g. "
+                             "model.EDGE_LAYERS = ('conv1', 'fc6').")
     power2 = weight_bits == 8 if power2_scale is None else power2_scale
-    return {
+    qt = {
         "weight": {"bitwidth": weight_bits, "qscheme": torch.per_channel_symmetric,
                    "power2_scale": power2, "range_max": None, "fixed_range": False},
         "activation": {"bitwidth": 8, "qscheme": torch.per_tensor_symmetric,
                        "power2_scale": True, "range_max": None, "fixed_range": False},
     }
+    if keep_8bit and weight_bits != 8:
+        qt["weight"]["mixed_precision"] = {8: list(keep_8bit)}
+    return qt
 
 
 def ti_example_qconfig(weight_bits: int) -> dict:
