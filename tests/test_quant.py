@@ -483,3 +483,22 @@ def test_diverging_qat_stops_with_a_clear_error() -> None:
                                            example_inputs=torch.zeros(1, *config.INPUT_SHAPE))
     with pytest.raises(TrainingDiverged, match="int2_qat_lr"):   # not a NaN model handed to convert()
         quant.qat_fit(wrapper, feats, epochs=1, lr=1e12, batch_size=10, generator=training.set_seed(0))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tinyml_torchmodelopt") is None,
+                    reason="TI's tinyml_torchmodelopt is not installed")
+def test_ti_convert_shows_no_torch_quantized_tensor_deprecation() -> None:
+    # A fresh interpreter, as a notebook kernel: pytest replaces the warning filters of a module.
+    import subprocess
+    import sys
+    code = ("import torch\n"
+            "from kws_utils import config, model, quant\n"
+            "from tinyml_torchmodelopt import quantization as ti\n"
+            "w = ti.TINPUTinyMLPTQFxModule(model.DSCNN(), total_epochs=1, qconfig_type=quant.qconfig_for(8),\n"
+            "                              example_inputs=torch.zeros(1, *config.INPUT_SHAPE))\n"
+            "quant.calibrate(w, torch.randn(64, *config.INPUT_SHAPE) * 8)\n"
+            "w.convert()\n"
+            "print('converted')\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert "converted" in done.stdout, done.stderr[-2000:]
+    assert "torch.quantize_per_tensor" not in done.stderr

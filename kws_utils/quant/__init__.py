@@ -54,6 +54,13 @@ unsigned [0, 255] after ReLU and signed [-128, 127] otherwise. Each Conv/Linear 
 its int32 accumulator with ``clamp(floor((acc + offset) * mult * 2**-shift), qmin, qmax)``;
 ``mult`` has 1 bit with power-of-2 scales, else 8 bits. See ``integer`` for the details.
 """
+import warnings
+
+# torch marks the quantized-tensor constructors that TI's convert() calls as deprecated (torchao is
+# to replace them); requirements.txt pins torch, so the notice gives a learner nothing to act on.
+warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor, torch\.quantize_per_channel",
+                        category=UserWarning)
+
 from kws_utils.quant.qconfig import (FLOAT32_EXACT, MAX_SHIFT, MULT_BITS, WEIGHT_BITS,
                                      default_qconfig_type, layer_qconfig_type,
                                      normalize_qconfig_type, output_int_dtype, qconfig_for,
