@@ -2,7 +2,8 @@
 
 Protocol (issue 18): the MLPerf reference DS-CNN, calibrated on ``SUBSETS`` seeded draws of
 ``SIZE`` real non-test clips (``real_audio.calibration_subsets``, from the calibration pool),
-each with ``config.CALIB_COPIES`` augmented copies (time shift + real noise), converted, exported
+each with ``config.CALIB_COPIES`` augmented copies (time shift + real noise) and a twelfth of
+silence cuts of the training noise recordings (``config.CALIB_SILENCE_SHARE``), converted, exported
 to the TI integer ONNX and scored under onnxruntime on the official Speech Commands test set (4,890 clips, scoring only). Learned rounding is the one call
 ``quant.learn_rounding(wrapper, calib)`` with its defaults. At 4 and 2 bits learned rounding also
 runs with the first and last layer kept 8-bit (``model.EDGE_LAYERS``, TI's ``mixed_precision``),
@@ -67,8 +68,8 @@ def run() -> dict:
     with torch.no_grad():
         float_acc = quant.accuracy(model.reference_model(), x, y)
     out = {"trained_on": "MLPerf reference DS-CNN (Speech Commands v0.02 train split)",
-           "calibrated_on": f"{SUBSETS} seeded subsets of {SIZE} clips of the real calibration pool, "
-                            f"each clip + {config.CALIB_COPIES} augmented copies (time shift, real noise)",
+           "calibrated_on": f"{SUBSETS} seeded subsets of the real calibration pool, each "
+                            f"{real_audio.describe_calibration(SIZE, config.CALIB_COPIES)}",
            "scored_on": f"{real_audio.describe_test()}, {len(y)} clips, integer ONNX (onnxruntime)",
            "threads": torch.get_num_threads(), "float_acc": round(float_acc, 4), "results": {}}
     with tempfile.TemporaryDirectory() as tmp:

@@ -10,11 +10,11 @@ import time
 from pathlib import Path
 
 sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent)]
-from kws_utils import config  # noqa: E402
+from kws_utils import config, files  # noqa: E402
 
 # Benchmark modules in course order; each has run() -> dict of figures.
 MODULES = ["bench_features", "bench_data", "bench_training", "bench_deploy", "bench_streaming",
-           "bench_ptq_real"]
+           "bench_calib_silence", "bench_ptq_real"]
 
 
 def cpu_name() -> str:
@@ -44,9 +44,7 @@ def main() -> None:
         results[name] = importlib.import_module(name).run()
         results[name]["benchmark_seconds"] = round(time.perf_counter() - start, 1)
         print(json.dumps(results[name], indent=2), flush=True)
-    out = config.output_dir() / "benchmarks" / "results.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
+    out = files.write_text(config.output_dir() / "benchmarks" / "results.json", json.dumps(results, indent=2))
     print(f"results written to {out}")
 
 

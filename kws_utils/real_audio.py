@@ -8,7 +8,8 @@ offline dataset are still scored on real voices:
   It is for scoring only: nothing is calibrated, fitted or chosen on it.
 * the six **background-noise recordings** (``_background_noise_``).
 * **calibration clips** of speakers outside the test set: the real validation split when the real
-  dataset is present, else the small real pool in ``../shared/speech_commands/real_calibration_pool``.
+  dataset is present, else the small real pool in ``../shared/speech_commands/real_calibration_pool``;
+  calibration adds silence cuts of the training noise recordings, as the test set has a silence class.
 """
 from __future__ import annotations
 
@@ -145,8 +146,8 @@ def pool_set() -> tuple[torch.Tensor, torch.Tensor] | None:
 
 
 def calibration_subsets(n_subsets: int, size: int, seed: int = config.SEED,
-                        copies: int = 0) -> list[torch.Tensor]:
-    """``n_subsets`` seeded draws of ``size`` real non-test clips (MFCC), each + ``copies`` augmented views."""
+                        copies: int = 0, silence: bool = True) -> list[torch.Tensor]:
+    """``n_subsets`` seeded draws of ``size`` real non-test clips (MFCC) + ``copies`` views + silence."""
     pool = pool_set()
     if pool is None:
         return []
@@ -156,19 +157,55 @@ def calibration_subsets(n_subsets: int, size: int, seed: int = config.SEED,
     if isinstance(copies, bool) or not isinstance(copies, int) or copies < 0:
         raise InputError(f"copies={copies!r}: give the number of augmented copies per clip, a whole "
                          f"number >= 0 (config.CALIB_COPIES = {config.CALIB_COPIES}).")
+    if not isinstance(silence, bool):
+        raise InputError(f"silence={silence!r}: give True (add config.CALIB_SILENCE_SHARE of silence "
+                         "cuts) or False (speech clips only).")
     rng = np.random.default_rng(seed)
     picks = [np.sort(rng.choice(len(pool[0]), size, replace=False)) for _ in range(n_subsets)]
-    if copies == 0:
-        return [pool[0][torch.from_numpy(p)] for p in picks]
-    clips, noise = pool_clips(), calibration_noise()
+    clips = pool_clips()
+    noise = calibration_noise() if copies else []
     out = []
     for i, pick in enumerate(picks):
-        waves = data.load_clips([clips[j] for j in pick], desc="load calibration clips")
-        gen = torch.Generator().manual_seed(seed + i)
-        views = [features.compute_features(waves, augment=(noise, gen), desc="MFCC augmented copies")
-                 for _ in range(copies)]
-        out.append(torch.cat([pool[0][torch.from_numpy(pick)], *views]))
+        views = []
+        if copies:
+            waves = data.load_clips([clips[j] for j in pick], desc="load calibration clips")
+            gen = torch.Generator().manual_seed(seed + i)
+            views = [features.compute_features(waves, augment=(noise, gen), desc="MFCC augmented copies")
+                     for _ in range(copies)]
+        speech = torch.cat([pool[0][torch.from_numpy(pick)], *views])
+        if silence:
+            speech = torch.cat([speech, calibration_silence(silence_count(len(speech)), seed + i)])
+        out.append(speech)
     return out
+
+
+def silence_count(n_speech: int) -> int:
+    """How many silence cuts join ``n_speech`` calibration inputs (config.CALIB_SILENCE_SHARE of the total)."""
+    share = config.CALIB_SILENCE_SHARE
+    return round(n_speech * share / (1 - share))
+
+
+def describe_calibration(size: int, copies: int, silence: bool = True) -> str:
+    """How result tables name a calibration subset of ``calibration_subsets``."""
+    text = f"{size} real non-test clips"
+    if copies:
+        text += f" + {copies} augmented copies of each (time shift, real noise)"
+    if silence:
+        text += f" + {silence_count(size * (1 + copies))} silence cuts of the training noise recordings"
+    return text
+
+
+def calibration_silence(n: int, seed: int) -> torch.Tensor:
+    """MFCC of ``n`` seeded 1 s silence cuts of the training noise recordings (validation's left out)."""
+    folder = noise_dir()
+    if folder is None:
+        raise FileNotFoundError("silence calibration clips need the real background-noise recordings "
+                                f"({shared_dir() / config.BACKGROUND_NOISE_DIR}); pass silence=False "
+                                "without them.")
+    cuts = data.silence_clips(folder.parent)["train"]     # the cuts training calls silence
+    pick = np.sort(np.random.default_rng(seed).choice(len(cuts), n, replace=n > len(cuts)))
+    waves = data.load_clips([cuts[j] for j in pick], desc="load silence cuts")
+    return features.compute_features(waves, desc="MFCC silence cuts")
 
 
 def calibration_noise() -> list[np.ndarray]:

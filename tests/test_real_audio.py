@@ -8,7 +8,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from kws_utils import config, data, holdout, quant, real_audio
+from kws_utils import config, data, holdout, mlperf, model, quant, real_audio
 from kws_utils.errors import InputError
 
 needs_real = pytest.mark.skipif(not real_audio.available(), reason="official test set absent")
@@ -82,15 +82,33 @@ def test_calibration_subsets_are_seeded_and_distinct() -> None:
 
 @needs_pool
 def test_calibration_copies_add_augmented_views_of_the_same_clips() -> None:
-    (clean,) = real_audio.calibration_subsets(1, 20, seed=2)
-    (aug,) = real_audio.calibration_subsets(1, 20, seed=2, copies=2)
-    (again,) = real_audio.calibration_subsets(1, 20, seed=2, copies=2)
+    (clean,) = real_audio.calibration_subsets(1, 20, seed=2, silence=False)
+    (aug,) = real_audio.calibration_subsets(1, 20, seed=2, copies=2, silence=False)
+    (again,) = real_audio.calibration_subsets(1, 20, seed=2, copies=2, silence=False)
     assert tuple(aug.shape) == (60, *config.INPUT_SHAPE)
     assert torch.equal(aug[:20], clean) and torch.equal(aug, again)     # clean first, seeded copies
     assert not torch.equal(aug[20:40], clean) and not torch.equal(aug[20:40], aug[40:])
     for bad in (-1, 1.5, True):
         with pytest.raises(InputError, match="copies="):
             real_audio.calibration_subsets(1, 20, copies=bad)
+
+
+@needs_pool
+@pytest.mark.skipif(not mlperf.available(), reason="MLPerf reference weights absent")
+def test_calibration_subsets_end_with_a_twelfth_of_silence_cuts() -> None:
+    (speech,) = real_audio.calibration_subsets(1, 100, seed=3, copies=1, silence=False)
+    (mixed,) = real_audio.calibration_subsets(1, 100, seed=3, copies=1)
+    n_silence = len(mixed) - len(speech)
+    assert n_silence == round(200 / 11) and torch.equal(mixed[:200], speech)
+    assert real_audio.describe_calibration(100, 1).endswith(f"+ {n_silence} silence cuts of the training noise recordings")
+    # the reference model (trained on real silence) calls the added rows silence, the speech rows rarely
+    with torch.no_grad():
+        pred = model.reference_model()(mixed).argmax(1)
+    assert (pred[200:] == config.SILENCE_INDEX).float().mean() > 0.9
+    assert (pred[:200] == config.SILENCE_INDEX).float().mean() < 0.1
+    assert not torch.equal(real_audio.calibration_silence(5, 1), real_audio.calibration_silence(5, 2))
+    with pytest.raises(InputError, match="silence="):
+        real_audio.calibration_subsets(1, 20, silence="yes")
 
 
 def test_calibrating_on_registered_test_inputs_is_refused() -> None:
