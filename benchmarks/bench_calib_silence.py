@@ -69,8 +69,7 @@ def run() -> dict:
         return {"skipped": "real calibration pool, noise recordings or MLPerf reference weights absent"}
     torch.set_num_threads(int(os.environ.get("KWS_BENCH_THREADS", "1")))
     px, py = pool
-    rng = np.random.default_rng(config.SEED)   # the same draws as real_audio.calibration_subsets
-    picks = [np.sort(rng.choice(len(px), SIZE, replace=False)) for _ in range(SUBSETS)]
+    picks = real_audio.calibration_picks(SUBSETS, SIZE, len(px))    # the clips each subset holds
     speech = real_audio.calibration_subsets(SUBSETS, SIZE, copies=config.CALIB_COPIES, silence=False)
     sil_x = held_out_silence()
     cal_cuts = noise_cuts(held_out=False)

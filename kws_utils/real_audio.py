@@ -160,8 +160,7 @@ def calibration_subsets(n_subsets: int, size: int, seed: int = config.SEED,
     if not isinstance(silence, bool):
         raise InputError(f"silence={silence!r}: give True (add config.CALIB_SILENCE_SHARE of silence "
                          "cuts) or False (speech clips only).")
-    rng = np.random.default_rng(seed)
-    picks = [np.sort(rng.choice(len(pool[0]), size, replace=False)) for _ in range(n_subsets)]
+    picks = calibration_picks(n_subsets, size, len(pool[0]), seed)
     clips = pool_clips()
     noise = calibration_noise() if copies else []
     out = []
@@ -177,6 +176,12 @@ def calibration_subsets(n_subsets: int, size: int, seed: int = config.SEED,
             speech = torch.cat([speech, calibration_silence(silence_count(len(speech)), seed + i)])
         out.append(speech)
     return out
+
+
+def calibration_picks(n_subsets: int, size: int, pool_size: int, seed: int = config.SEED) -> list[np.ndarray]:
+    """The pool indices (sorted) of each seeded calibration subset of ``calibration_subsets``."""
+    rng = np.random.default_rng(seed)
+    return [np.sort(rng.choice(pool_size, size, replace=False)) for _ in range(n_subsets)]
 
 
 def silence_count(n_speech: int) -> int:

@@ -76,6 +76,9 @@ def test_calibration_subsets_are_seeded_and_distinct() -> None:
     b = real_audio.calibration_subsets(3, 50, seed=1)
     assert all(torch.equal(p, q) for p, q in zip(a, b))
     assert not torch.equal(a[0], a[1])
+    pool_x = real_audio.pool_set()[0]     # calibration_picks names the clips of each subset
+    for rows, pick in zip(a, real_audio.calibration_picks(3, 50, len(pool_x), seed=1)):
+        assert torch.equal(rows[:50], pool_x[torch.from_numpy(pick)])
     with pytest.raises(InputError, match="size=0"):
         real_audio.calibration_subsets(1, 0)
 
