@@ -90,6 +90,11 @@ def _sigint_deferred() -> Iterator[list[bool]]:
         yield pressed          # signal handlers can only be set in the main thread
         return
     previous = signal.getsignal(signal.SIGINT)
+    if previous == signal.SIG_IGN:
+        # Ctrl-C is ignored here (e.g. a shell's background job): catching it would cut the
+        # utterance short without raising, so leave it ignored.
+        yield pressed
+        return
     signal.signal(signal.SIGINT, lambda *_: pressed.append(True))
     try:
         yield pressed

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -134,7 +135,15 @@ def test_write_header_and_save_checkpoint_on_a_full_disk_keep_the_old_file(
 
 
 # ----------------------------------------------------------------------------- finding 4
-def test_ctrl_c_during_espeak_synthesis_is_not_swallowed() -> None:
+@pytest.fixture
+def sigint_default() -> Iterator[None]:
+    """Ctrl-C raising KeyboardInterrupt, as in a terminal, even if this run inherited it ignored."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_during_espeak_synthesis_is_not_swallowed(sigint_default: None) -> None:
     with synthetic.Espeak() as espeak:
         timer = threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGINT))
         timer.start()
@@ -151,12 +160,31 @@ def test_ctrl_c_during_espeak_synthesis_is_not_swallowed() -> None:
         assert espeak.speak("yes", "en", 170, 50, 50).size > 0
 
 
+def test_ignored_ctrl_c_leaves_espeak_utterances_whole() -> None:
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)     # as in a shell's background job
+    try:
+        text = "one two three four five six seven eight nine ten " * 60    # about 0.15 s of work
+        with synthetic.Espeak() as espeak:      # a fresh instance each: espeak's first utterance
+            whole = espeak.speak(text, "en", 170, 50, 50)     # differs from its later ones
+        with synthetic.Espeak() as espeak:
+            timer = threading.Timer(0.03, os.kill, (os.getpid(), signal.SIGINT))
+            timer.start()
+            again = espeak.speak(text, "en", 170, 50, 50)
+            timer.join()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert np.array_equal(again, whole)
+
+
 def test_ctrl_c_stops_generation_and_leaves_no_marker(tmp_path: Path) -> None:
     target = tmp_path / "synth"
     code = ("from kws_utils import synthetic\n"
             f"synthetic.generate_dataset({str(target)!r}, speakers=30, seed=3, workers=1)\n")
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-c", code], env=env, stderr=subprocess.PIPE)
+    # A shell's background job (nohup ... &) inherits SIGINT ignored, and Python then never
+    # raises KeyboardInterrupt; give the child the default disposition a terminal would.
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     # Wait until clips are being written into the (hidden, dot-named) work folder, then press
     # Ctrl-C; glob's "*" skips dot-names, so the work folder is named by its prefix.
