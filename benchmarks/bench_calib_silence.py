@@ -65,7 +65,7 @@ def int2_edges8(calib: torch.Tensor) -> torch.nn.Module:
 def run() -> dict:
     """Held-out word and silence accuracy per subset, with and without silence cuts in calibration."""
     pool = real_audio.pool_set()
-    if pool is None or real_audio.noise_dir() is None or not (config.mlperf_dir()).is_dir():
+    if pool is None or real_audio.noise_dir() is None or not config.mlperf_dir().is_dir():
         return {"skipped": "real calibration pool, noise recordings or MLPerf reference weights absent"}
     torch.set_num_threads(int(os.environ.get("KWS_BENCH_THREADS", "1")))
     px, py = pool
