@@ -83,9 +83,7 @@ def run() -> dict:
     for i, (pick, calib) in enumerate(zip(picks, speech)):
         rest = torch.from_numpy(np.setdiff1d(np.arange(len(px)), pick))
         n_sil = real_audio.silence_count(len(calib))
-        chosen = np.sort(np.random.default_rng(config.SEED + i).choice(len(cal_cuts), n_sil, replace=False))
-        silence = features.compute_features(data.load_clips([cal_cuts[j] for j in chosen], desc="silence"),
-                                            desc="MFCC")
+        silence = real_audio.calibration_silence(n_sil, config.SEED + i, cuts=cal_cuts)
         for with_silence in (False, True):
             net = int2_edges8(torch.cat([calib, silence]) if with_silence else calib)
             row = {"subset": i, "silence_cuts": n_sil if with_silence else 0,

@@ -200,14 +200,19 @@ def describe_calibration(size: int, copies: int, silence: bool = True) -> str:
     return text
 
 
-def calibration_silence(n: int, seed: int) -> torch.Tensor:
-    """MFCC of ``n`` seeded 1 s silence cuts of the training noise recordings (validation's left out)."""
-    folder = noise_dir()
-    if folder is None:
-        raise FileNotFoundError("silence calibration clips need the real background-noise recordings "
-                                f"({shared_dir() / config.BACKGROUND_NOISE_DIR}); pass silence=False "
-                                "without them.")
-    cuts = data.silence_clips(folder.parent)["train"]     # the cuts training calls silence
+def calibration_silence(n: int, seed: int, cuts: list[data.Clip] | None = None) -> torch.Tensor:
+    """MFCC of ``n`` seeded 1 s silence cuts (default: the training noise recordings' cuts)."""
+    if cuts is None:
+        folder = noise_dir()
+        if folder is None:
+            raise FileNotFoundError("silence calibration clips need the real background-noise recordings "
+                                    f"({shared_dir() / config.BACKGROUND_NOISE_DIR}); pass silence=False "
+                                    "without them.")
+        cuts = data.silence_clips(folder.parent)["train"]     # the cuts training calls silence
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+        raise InputError(f"n={n!r}: give the number of silence cuts, a whole number >= 0.")
+    if n and not cuts:
+        raise InputError("cuts is empty: give silence cuts to draw from (data.silence_clips) or None.")
     pick = np.sort(np.random.default_rng(seed).choice(len(cuts), n, replace=n > len(cuts)))
     waves = data.load_clips([cuts[j] for j in pick], desc="load silence cuts")
     return features.compute_features(waves, desc="MFCC silence cuts")

@@ -112,6 +112,9 @@ def test_calibration_subsets_end_with_a_twelfth_of_silence_cuts() -> None:
     assert not torch.equal(real_audio.calibration_silence(5, 1), real_audio.calibration_silence(5, 2))
     with pytest.raises(InputError, match="silence="):
         real_audio.calibration_subsets(1, 20, silence="yes")
+    for n, cuts in ((-1, None), (2.5, None), (3, [])):
+        with pytest.raises(InputError, match="n=|cuts"):
+            real_audio.calibration_silence(n, 0, cuts=cuts)
 
 
 def test_calibrating_on_registered_test_inputs_is_refused() -> None:
