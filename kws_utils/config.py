@@ -52,6 +52,7 @@ COMPLETE_MARKER = ".kws_complete.json"   # written last: a folder without it is 
 SYNTH_KEYWORD_REPEATS = 4
 SYNTH_AUX_REPEATS = 1
 SYNTH_SPEED_RANGE = (0.85, 1.15)
+SYNTH_REVERB_SHARE = 0.0
 
 SAMPLE_RATE = 16_000
 CLIP_SAMPLES = 16_000          # 1 s clips

@@ -58,7 +58,7 @@ VARIANTS = ("", "m1", "m2", "m3", "m4", "m5", "m6", "m7", "f1", "f2", "f3", "f4"
             "Michael", "Andrea")
 ESPEAK_VOLUME = 70         # below 100: louder settings clip some variants
 # Separate random streams, so adding one kind of draw never shifts another.
-STREAM_SPEAKER_IDS, STREAM_SPEAKER, STREAM_CLIP, STREAM_NOISE, STREAM_TEST, STREAM_SPEED = range(6)
+STREAM_SPEAKER_IDS, STREAM_SPEAKER, STREAM_CLIP, STREAM_NOISE, STREAM_TEST, STREAM_SPEED, STREAM_ROOM = range(7)
 
 
 @dataclass(frozen=True)
@@ -68,6 +68,14 @@ class Recipe:
     aux_repeats: int = config.SYNTH_AUX_REPEATS   # takes of each of the 25 other words per speaker
     speed_min: float = config.SYNTH_SPEED_RANGE[0]   # per-clip speed perturbation, drawn uniformly
     speed_max: float = config.SYNTH_SPEED_RANGE[1]
+    reverb_share: float = config.SYNTH_REVERB_SHARE   # speakers recorded in a reverberant room
+
+    def draw_room(self, seed: int, speaker: int) -> tuple[float, float]:
+        """A speaker's room as (RT60 in s, direct-to-reverberant ratio in dB); (0, 0) is dry."""
+        rng = np.random.default_rng([seed, STREAM_ROOM, speaker])
+        if rng.random() >= self.reverb_share:
+            return (0.0, 0.0)
+        return (float(np.exp(rng.uniform(np.log(0.15), np.log(0.9)))), float(rng.uniform(-2, 12)))
 
     def draw_speed(self, *stream: int) -> float:
         """One clip's speed factor, from its own seeded stream (1.0 when the range is empty)."""
@@ -321,8 +329,35 @@ def change_speed(wave: np.ndarray, factor: float) -> np.ndarray:
     return torchaudio.functional.resample(tensor, source, config.SAMPLE_RATE).numpy().astype(np.float64)
 
 
+def room_response(rt60: float, drr_db: float, rng: np.random.Generator) -> np.ndarray:
+    """A synthetic room impulse response: the direct sound, then a tail decaying 60 dB in ``rt60``."""
+    # Exponentially decaying noise is the statistical model of late reverberation (Polack);
+    # the drr sets how far the talker stands from the microphone.
+    if isinstance(rt60, bool) or not isinstance(rt60, (int, float)) or not 0.01 <= rt60 <= 5:
+        raise InputError(f"rt60={rt60!r}: give the room's reverberation time in seconds, 0.01-5 "
+                         "(living rooms are about 0.3-0.6).")
+    if isinstance(drr_db, bool) or not isinstance(drr_db, (int, float)) or not -30 <= drr_db <= 40:
+        raise InputError(f"drr_db={drr_db!r}: give the direct-to-reverberant ratio in dB, -30 to 40.")
+    n = max(int(rt60 * config.SAMPLE_RATE), 2)
+    tail = rng.standard_normal(n) * np.exp(-6.9 * np.arange(n) / n)
+    tail[0] = 0.0
+    tail *= np.sqrt(10 ** (-drr_db / 10) / np.sum(tail ** 2))
+    tail[0] = 1.0
+    return tail
+
+
+def reverberate(wave: np.ndarray, rt60: float, drr_db: float, rng: np.random.Generator) -> np.ndarray:
+    """``wave`` as heard in a room: convolved with its impulse response, tail kept (torchaudio)."""
+    rir = torch.from_numpy(room_response(rt60, drr_db, rng))
+    if not isinstance(wave, np.ndarray) or wave.ndim != 1 or not np.isfinite(wave).all():
+        raise InputError("wave must be one clip as a 1-D float numpy array of finite samples, got "
+                         f"{getattr(wave, 'shape', type(wave).__name__)}.")
+    return torchaudio.functional.fftconvolve(torch.from_numpy(wave), rir).numpy()
+
+
 def render_word(espeak: Espeak, word: str, speaker: Speaker,
-                rng: np.random.Generator, speed: float = 1.0) -> np.ndarray:
+                rng: np.random.Generator, speed: float = 1.0,
+                room: tuple[float, float] = (0.0, 0.0)) -> np.ndarray:
     """One recorded-like utterance of ``word`` by ``speaker``: int16, 16 kHz, up to 1 s."""
     # Punctuation changes espeak's intonation, like people reading a prompt differently.
     text = word + str(rng.choice(["", ".", "!", ",", "?"], p=[0.4, 0.25, 0.15, 0.1, 0.1]))
@@ -331,6 +366,8 @@ def render_word(espeak: Espeak, word: str, speaker: Speaker,
     raw = espeak.speak(text, speaker.voice, rate, pitch, speaker.pitch_range,
                        int(rng.integers(0, 2**31)))
     speech = change_speed(_trim(_to_16k(raw.astype(np.float64) / 32768, espeak.sample_rate)), speed)
+    if room[0] > 0:
+        speech = reverberate(speech, *room, np.random.default_rng(rng.integers(0, 2**63)))
     # Most real clips are exactly 1 s; about one in ten is shorter.
     length = config.CLIP_SAMPLES
     shortest = max(length // 2, speech.size + 800)     # keep 50 ms of air after the word
@@ -456,6 +493,7 @@ class Job:
     speaker: int          # index into the speaker list; -1 for silence
     seed: tuple[int, ...]
     speed: float = 1.0    # speed perturbation of the utterance (Recipe.draw_speed)
+    room: tuple[float, float] = (0.0, 0.0)   # the speaker's room (Recipe.draw_room)
 
 
 def train_jobs(speakers: list[Speaker], seed: int, recipe: Recipe = Recipe()) -> list[list[Job]]:
@@ -470,7 +508,8 @@ def train_jobs(speakers: list[Speaker], seed: int, recipe: Recipe = Recipe()) ->
             for n in range(repeats):
                 shards[-1].append(Job(f"{word}/{sp.sid}_nohash_{n}.wav", word, sp.index,
                                       (seed, STREAM_CLIP, sp.index, w, n),
-                                      recipe.draw_speed(seed, STREAM_SPEED, sp.index, w, n)))
+                                      recipe.draw_speed(seed, STREAM_SPEED, sp.index, w, n),
+                                      recipe.draw_room(seed, sp.index)))
     return shards
 
 
@@ -493,11 +532,12 @@ def test_jobs(speakers: list[Speaker], per_class: int, seed: int,
             elif label == "unknown":
                 word = AUX_WORDS[j % len(AUX_WORDS)]
                 shard.append(Job(f"{config.TEST_UNKNOWN_DIR}/{word}_{sp.sid}_nohash_{j}.wav",
-                                 word, sp.index, rng_seed, speed))
+                                 word, sp.index, rng_seed, speed, recipe.draw_room(seed, sp.index)))
             else:
                 # Utterance numbers above the training repeats: new takes, not copies.
                 n = 100 + j // len(testers)
-                shard.append(Job(f"{label}/{sp.sid}_nohash_{n}.wav", label, sp.index, rng_seed, speed))
+                shard.append(Job(f"{label}/{sp.sid}_nohash_{n}.wav", label, sp.index, rng_seed, speed,
+                                 recipe.draw_room(seed, sp.index)))
         shards.append(shard)
     return shards
 
@@ -514,7 +554,7 @@ def render_job(espeak: Espeak, job: Job, speakers: list[Speaker]) -> np.ndarray:
         start = int(rng.integers(0, wave.size - config.CLIP_SAMPLES))
         cut = wave[start:start + config.CLIP_SAMPLES]
         return _at_level(cut / max(cut.std(), 1e-6), rng.uniform(-65, -25))
-    return render_word(espeak, job.word, speakers[job.speaker], rng, job.speed)
+    return render_word(espeak, job.word, speakers[job.speaker], rng, job.speed, job.room)
 
 
 def _render_shard(args: tuple[str, list[Job], list[Speaker]]) -> int:
@@ -619,6 +659,8 @@ def train_params(speakers: int, seed: int, recipe: Recipe = Recipe()) -> dict:
               "speakers": speakers, "keyword_repeats": config.SYNTH_KEYWORD_REPEATS,
               "aux_repeats": recipe.aux_repeats, "speed_min": recipe.speed_min,
               "speed_max": recipe.speed_max, "shard_speakers": SHARD_SPEAKERS}
+    if recipe.reverb_share:   # absent when 0, so folders made before reverberation stay valid
+        params["reverb_share"] = recipe.reverb_share
     if real_noise_dir() is not None:   # a folder made with generated noise is then regenerated
         params["noise"] = "real: " + ", ".join(noise_names())
     return params
@@ -646,13 +688,16 @@ def _check_positive(name: str, value: object) -> None:
 
 
 def _check_recipe(recipe: object) -> None:
-    """A Recipe with at least one take per word and a speed range inside [0.5, 2]."""
+    """A Recipe with at least one take per word, a speed range inside [0.5, 2], a share in [0, 1]."""
     if not isinstance(recipe, Recipe):
         raise InputError(f"recipe must be a synthetic.Recipe, got {type(recipe).__name__}.")
     _check_positive("recipe.aux_repeats", recipe.aux_repeats)
     if not 0.5 <= recipe.speed_min <= recipe.speed_max <= 2.0:
         raise InputError(f"recipe speed range [{recipe.speed_min}, {recipe.speed_max}]: give "
                          "0.5 <= speed_min <= speed_max <= 2 (1.0 and 1.0 for no perturbation).")
+    if isinstance(recipe.reverb_share, bool) or not 0.0 <= recipe.reverb_share <= 1.0:
+        raise InputError(f"recipe.reverb_share={recipe.reverb_share!r}: give the share of speakers "
+                         "recorded in a reverberant room, a number in [0, 1] (0 for none).")
 
 
 def _generate_dataset(target: Path, speakers: int, seed: int, workers: int, recipe: Recipe) -> Path:

@@ -10,9 +10,16 @@ config.SYNTH_SPEED_RANGE) is the candidate with the best mean pool keyword accur
     python scripts/choose_offline_data.py          # about 15 min on 2 cores (3 candidates x 2 seeds)
 
 Writes output/offline_data_choice.json; notebook 03 prints it.
+
+    python scripts/choose_offline_data.py --levers # about 16 min: levers not adopted yet
+
+scores the course's recipe beside new levers (room reverberation, ``Recipe.reverb_share``) the
+same way and writes output/offline_data_levers.json instead; the course's recipe is unchanged
+until a lever is adopted (config.py) and the course re-run on it.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -21,20 +28,26 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-# (takes of each other word per speaker, slowest speed, fastest speed)
+# (takes of each other word per speaker, slowest speed, fastest speed[, share of reverberant rooms])
 CANDIDATES = {
     "2 takes of other words, no speed change (before)": (2, 1.0, 1.0),
     "1 take of other words": (1, 1.0, 1.0),
     "1 take of other words + speed 0.85-1.15": (1, 0.85, 1.15),
 }
+RECIPE_FIELDS = ("aux_repeats", "speed_min", "speed_max", "reverb_share")
+LEVERS = {
+    "the course's recipe (1 take + speed 0.85-1.15)": (1, 0.85, 1.15, 0.0),
+    "+ reverberant rooms for half the speakers": (1, 0.85, 1.15, 0.5),
+    "+ reverberant rooms for every speaker": (1, 0.85, 1.15, 1.0),
+}
 # Seeds of the dataset and of the model's initial weights: one run moves by several points.
 SEEDS = (0, 1)
 
 
-def results_path() -> Path:
-    """Where the comparison is saved (notebook 03 reads it)."""
+def results_path(levers: bool = False) -> Path:
+    """Where the comparison is saved (notebook 03 reads the choice, not the levers)."""
     from kws_utils import config
-    return config.output_dir() / "offline_data_choice.json"
+    return config.output_dir() / ("offline_data_levers.json" if levers else "offline_data_choice.json")
 
 
 def score(root: Path, name: str, recipe: "synthetic.Recipe", seed: int, pool: tuple) -> dict:
@@ -64,8 +77,8 @@ def score(root: Path, name: str, recipe: "synthetic.Recipe", seed: int, pool: tu
             "pool_other_words": round(float((pred[~keyword] == y[~keyword]).float().mean()), 4)}
 
 
-def main() -> None:
-    """Score every candidate in a temporary data folder and save the table atomically."""
+def main(levers: bool = False) -> None:
+    """Score every candidate (or lever) in a temporary data folder and save the table atomically."""
     with tempfile.TemporaryDirectory(prefix="kws_choose_") as tmp:
         # Set before the course is imported: datasets and feature caches go to the temp folder.
         os.environ.update(KWS_DATA_ROOT=tmp, KWS_PROFILE="workshop", KWS_DATASET="synthetic",
@@ -83,17 +96,20 @@ def main() -> None:
                             f"{int((~keyword).sum())} clips of other words, speakers outside the official "
                             "test set",
                "candidates": {}}
-        for i, (name, values) in enumerate(CANDIDATES.items()):
+        for i, (name, values) in enumerate((LEVERS if levers else CANDIDATES).items()):
             recipe = synthetic.Recipe(*values)
             runs = []
             for seed in SEEDS:
                 runs.append(score(Path(tmp) / f"candidate{i}_seed{seed}", name, recipe, seed, pool))
                 print(name, json.dumps(runs[-1]), flush=True)
-            out["candidates"][name] = {"recipe": dict(zip(("aux_repeats", "speed_min", "speed_max"), values)),
-                                       "runs": runs}
-        files.write_text(results_path(), json.dumps(out, indent=1))
-        print(f"wrote {results_path()}")
+            # Only the fields a candidate sets: notebook 03 compares the choice's with the course's.
+            out["candidates"][name] = {"recipe": dict(zip(RECIPE_FIELDS, values)), "runs": runs}
+        files.write_text(results_path(levers), json.dumps(out, indent=1))
+        print(f"wrote {results_path(levers)}")
 
 
 if __name__ == "__main__":   # the dataset generator starts worker processes
-    main()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--levers", action="store_true",
+                        help="score levers not adopted yet (output/offline_data_levers.json)")
+    main(levers=parser.parse_args().levers)

@@ -202,8 +202,45 @@ def test_recipe_sets_takes_and_speed(tmp_path: Path) -> None:
             for job in shard} == {1.0}
 
 
+def test_room_response_decays_in_rt60_with_its_direct_to_reverberant_ratio() -> None:
+    rir = synthetic.room_response(0.5, 6.0, np.random.default_rng(0))
+    assert rir[0] == 1.0 and rir.size == 8000
+    assert 10 * np.log10(1.0 / np.sum(rir[1:] ** 2)) == pytest.approx(6.0)
+    # Energy in the last and first 50 ms of the tail: about 60 dB apart over 0.45 s (60 * 0.9 = 54).
+    first, last = np.sum(rir[1:801] ** 2), np.sum(rir[-800:] ** 2)
+    assert 10 * np.log10(first / last) == pytest.approx(54, abs=4)
+
+
+def test_reverberation_keeps_the_word_and_adds_a_tail() -> None:
+    t = np.arange(4000) / 16000
+    burst = np.sin(2 * np.pi * 300 * t)
+    wet = synthetic.reverberate(burst, 0.4, 3.0, np.random.default_rng(1))
+    assert wet.size == burst.size + int(0.4 * 16000) - 1
+    assert np.abs(wet[burst.size + 100:]).max() > 0.01      # sound goes on after the word ends
+    assert np.corrcoef(wet[:burst.size], burst)[0, 1] > 0.5  # the direct sound is still there
+
+
+@pytest.mark.parametrize("args, name", [((0.0, 3.0), "rt60"), ((float("nan"), 3.0), "rt60"),
+                                        ((0.4, float("inf")), "drr_db"), ((0.4, "3"), "drr_db")])
+def test_bad_room_is_refused_by_name(args: tuple, name: str) -> None:
+    with pytest.raises(ValueError, match=name):
+        synthetic.reverberate(np.ones(100), *args, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="wave"):
+        synthetic.reverberate(np.ones((2, 100)), 0.4, 3.0, np.random.default_rng(0))
+
+
+def test_reverb_share_gives_that_share_of_speakers_a_room() -> None:
+    rooms = [synthetic.Recipe(reverb_share=0.5).draw_room(0, i) for i in range(400)]
+    wet = [r for r in rooms if r[0] > 0]
+    assert 0.4 < len(wet) / len(rooms) < 0.6
+    assert all(0.15 <= rt60 <= 0.9 and -2 <= drr <= 12 for rt60, drr in wet)
+    assert synthetic.Recipe(reverb_share=0.0).draw_room(0, 3) == (0.0, 0.0)
+    assert synthetic.Recipe(reverb_share=0.5).draw_room(0, 3) == synthetic.Recipe(reverb_share=0.5).draw_room(0, 3)
+
+
 @pytest.mark.parametrize("recipe", [synthetic.Recipe(0, 1.0, 1.0), synthetic.Recipe(1, 1.2, 0.9),
-                                    synthetic.Recipe(1, 0.1, 1.0), "fast"])
+                                    synthetic.Recipe(1, 0.1, 1.0), synthetic.Recipe(1, 1.0, 1.0, 1.5),
+                                    "fast"])
 def test_bad_recipe_is_refused_by_name(recipe: object, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="recipe"):
         synthetic.generate_dataset(tmp_path / "bad", 3, workers=1, recipe=recipe)
