@@ -52,6 +52,8 @@ COMPLETE_MARKER = ".kws_complete.json"   # written last: a folder without it is 
 SYNTH_KEYWORD_REPEATS = 4
 SYNTH_AUX_REPEATS = 1
 SYNTH_SPEED_RANGE = (0.85, 1.15)
+# Share of synthetic speakers recorded in a reverberant room: measured on the pool by
+# scripts/choose_offline_data.py --levers, not adopted yet (the README gives the figures).
 SYNTH_REVERB_SHARE = 0.0
 
 SAMPLE_RATE = 16_000

@@ -695,7 +695,8 @@ def _check_recipe(recipe: object) -> None:
     if not 0.5 <= recipe.speed_min <= recipe.speed_max <= 2.0:
         raise InputError(f"recipe speed range [{recipe.speed_min}, {recipe.speed_max}]: give "
                          "0.5 <= speed_min <= speed_max <= 2 (1.0 and 1.0 for no perturbation).")
-    if isinstance(recipe.reverb_share, bool) or not 0.0 <= recipe.reverb_share <= 1.0:
+    share = recipe.reverb_share
+    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0.0 <= share <= 1.0:
         raise InputError(f"recipe.reverb_share={recipe.reverb_share!r}: give the share of speakers "
                          "recorded in a reverberant room, a number in [0, 1] (0 for none).")
 

@@ -240,7 +240,7 @@ def test_reverb_share_gives_that_share_of_speakers_a_room() -> None:
 
 @pytest.mark.parametrize("recipe", [synthetic.Recipe(0, 1.0, 1.0), synthetic.Recipe(1, 1.2, 0.9),
                                     synthetic.Recipe(1, 0.1, 1.0), synthetic.Recipe(1, 1.0, 1.0, 1.5),
-                                    "fast"])
+                                    synthetic.Recipe(1, 1.0, 1.0, "half"), "fast"])
 def test_bad_recipe_is_refused_by_name(recipe: object, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="recipe"):
         synthetic.generate_dataset(tmp_path / "bad", 3, workers=1, recipe=recipe)
