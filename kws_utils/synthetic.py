@@ -348,10 +348,10 @@ def room_response(rt60: float, drr_db: float, rng: np.random.Generator) -> np.nd
 
 def reverberate(wave: np.ndarray, rt60: float, drr_db: float, rng: np.random.Generator) -> np.ndarray:
     """``wave`` as heard in a room: convolved with its impulse response, tail kept (torchaudio)."""
-    rir = torch.from_numpy(room_response(rt60, drr_db, rng))
     if not isinstance(wave, np.ndarray) or wave.ndim != 1 or not np.isfinite(wave).all():
         raise InputError("wave must be one clip as a 1-D float numpy array of finite samples, got "
                          f"{getattr(wave, 'shape', type(wave).__name__)}.")
+    rir = torch.from_numpy(room_response(rt60, drr_db, rng))
     return torchaudio.functional.fftconvolve(torch.from_numpy(wave), rir).numpy()
 
 
@@ -502,14 +502,14 @@ def train_jobs(speakers: list[Speaker], seed: int, recipe: Recipe = Recipe()) ->
     for sp in speakers:
         if sp.index % SHARD_SPEAKERS == 0:
             shards.append([])
+        room = recipe.draw_room(seed, sp.index)
         for w, word in enumerate(config.ALL_WORDS):
             repeats = (config.SYNTH_KEYWORD_REPEATS if word in config.KEYWORDS
                        else recipe.aux_repeats)
             for n in range(repeats):
                 shards[-1].append(Job(f"{word}/{sp.sid}_nohash_{n}.wav", word, sp.index,
                                       (seed, STREAM_CLIP, sp.index, w, n),
-                                      recipe.draw_speed(seed, STREAM_SPEED, sp.index, w, n),
-                                      recipe.draw_room(seed, sp.index)))
+                                      recipe.draw_speed(seed, STREAM_SPEED, sp.index, w, n), room))
     return shards
 
 
