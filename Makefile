@@ -56,13 +56,19 @@ course: setup
 	done
 	@echo "Executed notebooks in output/notebooks/, artifacts in output/artifacts/."
 
-# Unit tests, then every notebook under nbval on the small CI profile and the offline dataset (on
-# TI's package where it is installed: KWS_QUANT_BACKEND=auto); then the quantization notebooks
-# again on the course's stand-in kws_utils.quant, so both backends run them. The second pass skips
-# the cells tagged both-backends, which run both packages anyway (notebooks/conftest.py).
+# Unit tests (TEST_WORKERS processes of one thread each: most tests are too small to use two
+# threads, so two processes finish them in about two thirds of the time), then every notebook under
+# nbval, one after the other (later notebooks load what earlier ones saved), on the small CI profile
+# and the offline dataset (on TI's package where it is installed: KWS_QUANT_BACKEND=auto); then the
+# quantization notebooks again on the course's stand-in kws_utils.quant, so both backends run them.
+# The second pass skips the cells tagged both-backends, which run both packages anyway
+# (notebooks/conftest.py).
+TEST_WORKERS ?= 2
 test: setup
+	KWS_PROFILE=ci KWS_DATASET=$${KWS_DATASET:-synthetic} OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q \
+	  --durations=15 -n $(TEST_WORKERS) --dist loadfile tests
 	KWS_PROFILE=ci KWS_DATASET=$${KWS_DATASET:-synthetic} $(BIN)/python -m pytest -q --durations=15 \
-	  --nbval-lax --nbval-current-env --nbval-cell-timeout=1800 tests notebooks
+	  --nbval-lax --nbval-current-env --nbval-cell-timeout=1800 notebooks
 	@if $(HAS_TI); then \
 	  echo "== notebooks 04-06 again on the course's kws_utils.quant (KWS_QUANT_BACKEND=course)"; \
 	  KWS_NBVAL_SECOND_PASS=1 KWS_QUANT_BACKEND=course KWS_PROFILE=ci KWS_DATASET=$${KWS_DATASET:-synthetic} $(BIN)/python -m pytest -q \

@@ -112,6 +112,31 @@ def _sigint_deferred() -> Iterator[list[bool]]:
         previous(signal.SIGINT, None)     # the default handler raises KeyboardInterrupt
 
 
+@contextlib.contextmanager
+def _sigint_sticky() -> Iterator[list[bool]]:
+    """Raise KeyboardInterrupt on Ctrl-C as usual, and remember it so a swallowed one is raised again.
+
+    Python prints and drops an exception raised while a finalizer (``__del__``) runs, so a Ctrl-C
+    that lands there would be lost and generation would run on; the caller checks the flag between
+    clips and raises it again.
+    """
+    pressed: list[bool] = []
+    previous = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or not callable(previous):
+        yield pressed          # not ours to catch: a worker thread, or Ctrl-C ignored
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        pressed.append(True)
+        previous(signum, frame)
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield pressed
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 _LIBC = ctypes.CDLL(None)
 
 
@@ -561,8 +586,10 @@ def _render_shard(args: tuple[str, list[Job], list[Speaker]]) -> int:
     """Write every clip of one shard in order, with its own fresh espeak-ng instance."""
     root, jobs, speakers = args
     torch.set_num_threads(1)   # one worker per core already: more threads only contend
-    with Espeak() as espeak:
+    with _sigint_sticky() as pressed, Espeak() as espeak:
         for job in jobs:
+            if pressed:
+                raise KeyboardInterrupt("Ctrl-C pressed during generation")
             sf.write(Path(root) / job.relpath, render_job(espeak, job, speakers),
                      config.SAMPLE_RATE, subtype="PCM_16")
     return len(jobs)
