@@ -24,10 +24,11 @@ course test notebooks: export KWS_NETRON ?= print
 
 setup: $(STAMP)
 
+# --no-compile: Python compiles each module on its first import, not all of torch up front (40 s).
 $(STAMP): requirements.txt requirements-ti.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -r requirements.txt
+	$(BIN)/pip install --quiet --no-compile -r requirements.txt
 	@if [ -n "$(TI_WHEEL)" ]; then \
 	  echo "Installing TI's tinyml_torchmodelopt from $(TI_WHEEL)"; \
 	  $(BIN)/pip install --quiet -r requirements-ti.txt && \
