@@ -7,15 +7,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
-# Notebooks that quantize: CI runs them a second time on TI's own package.
-QUANT_NOTEBOOKS := $(wildcard notebooks/0[456]_*.ipynb)
 # TI's tinyml_torchmodelopt 1.4.0: a wheel beside the repository (offline), else TI's GitHub at
 # the commit the wheel was built from.
 TI_WHEEL := $(firstword $(wildcard ../shared/vendor/tinyml_torchmodelopt-1.4.0-*.whl))
 TI_REPO := https://github.com/TexasInstruments/tinyml-tensorlab.git
 TI_COMMIT := ca0ef4793f56158d5e768ef58cd2dfda9f56499b
 TI_GIT := tinyml_torchmodelopt @ git+$(TI_REPO)@$(TI_COMMIT)\#subdirectory=tinyml-modeloptimization/torchmodelopt
-HAS_TI = $(BIN)/python -c "import tinyml_torchmodelopt" 2>/dev/null
 
 .PHONY: setup data course test lab notebooks benchmarks clean
 
@@ -57,26 +54,11 @@ course: setup
 	done
 	@echo "Executed notebooks in output/notebooks/, artifacts in output/artifacts/."
 
-# Unit tests (TEST_WORKERS processes of one thread each: most tests are too small to use two
-# threads, so two processes finish them in about two thirds of the time), then every notebook under
-# nbval, one after the other (later notebooks load what earlier ones saved), on the small CI profile
-# and the offline dataset (on TI's package where it is installed: KWS_QUANT_BACKEND=auto); then the
-# quantization notebooks again on the course's stand-in kws_utils.quant, so both backends run them.
-# The second pass skips the cells tagged both-backends, which run both packages anyway
-# (notebooks/conftest.py).
-TEST_WORKERS ?= 2
+# The unit tests beside the first notebook pass (own data and output folders), every notebook in
+# order under nbval on the small CI profile, then notebooks 04-06 again on the course's
+# kws_utils.quant; scripts/test_all.sh says why and how.
 test: setup
-	KWS_PROFILE=ci KWS_DATASET=$${KWS_DATASET:-synthetic} OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q \
-	  --durations=15 -n $(TEST_WORKERS) --dist loadfile tests
-	KWS_PROFILE=ci KWS_DATASET=$${KWS_DATASET:-synthetic} $(BIN)/python -m pytest -q --durations=15 \
-	  --nbval-lax --nbval-current-env --nbval-cell-timeout=1800 notebooks
-	@if $(HAS_TI); then \
-	  echo "== notebooks 04-06 again on the course's kws_utils.quant (KWS_QUANT_BACKEND=course)"; \
-	  KWS_NBVAL_SECOND_PASS=1 KWS_QUANT_BACKEND=course KWS_PROFILE=ci KWS_DATASET=$${KWS_DATASET:-synthetic} $(BIN)/python -m pytest -q \
-	    --nbval-lax --nbval-current-env --nbval-cell-timeout=1800 $(QUANT_NOTEBOOKS); \
-	else \
-	  echo "TI's tinyml_torchmodelopt is not installed: notebooks 04-06 ran on kws_utils.quant only."; \
-	fi
+	BIN=$(BIN) scripts/test_all.sh
 
 lab: setup
 	$(BIN)/jupyter lab notebooks/
