@@ -54,9 +54,8 @@ course: setup
 	done
 	@echo "Executed notebooks in output/notebooks/, artifacts in output/artifacts/."
 
-# The unit tests beside the first notebook pass (own data and output folders), every notebook in
-# order under nbval on the small CI profile, then notebooks 04-06 again on the course's
-# kws_utils.quant; scripts/test_all.sh says why and how.
+# The unit tests (two processes), every notebook in order under nbval on the small CI profile, then
+# notebook 04 again on the course's kws_utils.quant; scripts/test_all.sh says why.
 test: setup
 	BIN=$(BIN) scripts/test_all.sh
 

@@ -1,6 +1,6 @@
 """nbval settings for the notebooks (CI only; learners never need this file).
 
-`make test` runs the quantization notebooks twice, once per quantization package. Cells tagged
+`make test` runs notebook 04 twice, once per quantization package (scripts/test_all.sh). Cells tagged
 ``both-backends`` run TI's package and the course's side by side whatever KWS_QUANT_BACKEND says, so
 their output is the same in both passes: the second pass (KWS_NBVAL_SECOND_PASS=1) skips them.
 """

@@ -1,42 +1,37 @@
 #!/usr/bin/env bash
-# `make test`: the unit tests beside the first notebook pass, then the second notebook pass.
+# `make test`: the unit tests, every notebook under nbval, then notebook 04 on the course's package.
 #
-# A notebook kernel keeps about 1.3 of 2 cores busy, so the unit tests run beside the notebooks
-# (TEST_WORKERS processes of one thread each) instead of before them. They get their own data and
-# output folders, so they never write a file a notebook reads. The notebooks run one after the
-# other (later ones load what earlier ones saved) on the small CI profile and the offline dataset,
-# on TI's package where it is installed (KWS_QUANT_BACKEND=auto); then the quantization notebooks
-# run again on the course's stand-in kws_utils.quant, so both backends run them. The second pass
-# skips the cells tagged both-backends, which run both packages anyway (notebooks/conftest.py).
+# The unit tests run in TEST_WORKERS processes of one thread each: most tests are too small to use
+# two threads, so two processes finish them in about two thirds of the time (302 s against 467 s
+# on a 2-core machine). Then every notebook runs in order (later ones load what earlier ones saved)
+# on the small CI profile and the offline dataset, on TI's package where it is installed
+# (KWS_QUANT_BACKEND=auto). Then notebook 04, which drives the quantization package's classes
+# step by step, runs again on the course's stand-in kws_utils.quant, skipping the cells tagged
+# both-backends (notebooks/conftest.py). Notebook 05 needs no second pass: its cells that compare
+# the packages run both side by side (tagged both-backends), and the unit tests run every
+# quantization function on both backends. Notebook 06 uses no quantization package: it reads the
+# exported integer ONNX files. The notebooks share no cores with the unit tests: beside them,
+# notebooks 01-04 took three times as long.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-.venv/bin}
 export KWS_PROFILE=ci KWS_DATASET=${KWS_DATASET:-synthetic}
 NBVAL=(--nbval-lax --nbval-current-env --nbval-cell-timeout=1800)
-QUANT_NOTEBOOKS=(notebooks/0[456]_*.ipynb)
-scratch=$(mktemp -d)
-trap 'kill $(jobs -p) 2>/dev/null; rm -rf "$scratch"' EXIT
 
-KWS_DATA_ROOT="$scratch/data" KWS_OUTPUT="$scratch/output" OMP_NUM_THREADS=1 \
-  "$BIN/python" -m pytest -q --durations=15 -n "${TEST_WORKERS:-1}" --dist loadfile \
-  --basetemp="$scratch/pytest" tests > "$scratch/unit.log" 2>&1 &
-unit_pid=$!
-echo "== unit tests started in the background (log printed when they end)"
+echo "== unit tests"
+OMP_NUM_THREADS=1 "$BIN/python" -m pytest -q --durations=15 -n "${TEST_WORKERS:-2}" --dist loadfile tests
+unit_rc=$?
 echo "== notebooks, in order"
 "$BIN/python" -m pytest -q --durations=15 "${NBVAL[@]}" notebooks
 notebooks_rc=$?
-wait "$unit_pid"
-unit_rc=$?
-echo "== unit tests"
-cat "$scratch/unit.log"
 second_rc=0
 if "$BIN/python" -c "import tinyml_torchmodelopt" 2>/dev/null; then
-  echo "== notebooks 04-06 again on the course's kws_utils.quant (KWS_QUANT_BACKEND=course)"
+  echo "== notebook 04 again on the course's kws_utils.quant (KWS_QUANT_BACKEND=course)"
   KWS_NBVAL_SECOND_PASS=1 KWS_QUANT_BACKEND=course "$BIN/python" -m pytest -q "${NBVAL[@]}" \
-    "${QUANT_NOTEBOOKS[@]}"
+    notebooks/04_*.ipynb
   second_rc=$?
 else
-  echo "TI's tinyml_torchmodelopt is not installed: notebooks 04-06 ran on kws_utils.quant only."
+  echo "TI's tinyml_torchmodelopt is not installed: the notebooks ran on kws_utils.quant only."
 fi
 echo "== exit codes: unit tests $unit_rc, notebooks $notebooks_rc, second pass $second_rc"
 [ "$unit_rc" -eq 0 ] && [ "$notebooks_rc" -eq 0 ] && [ "$second_rc" -eq 0 ]
