@@ -29,7 +29,9 @@ import torch
 from kws_utils import config, export, files, model, quant, real_audio
 
 SUBSETS, SIZE, BITS = 5, 200, 2     # bench_ptq_real.py's protocol
-DEPTHWISE = tuple(f"depthwise{i}" for i in range(1, 5))
+# the reference model's depthwise layers (named after MLPerf's layers: depthwise2 ... depthwise5)
+DEPTHWISE = tuple(n for n, m in model.reference_model().named_modules()
+                  if isinstance(m, torch.nn.Conv2d) and m.groups > 1)
 VARIANTS = {"conv1 + fc6 8-bit": model.EDGE_LAYERS,
             "conv1 + fc6 + depthwise 8-bit": model.EDGE_LAYERS + DEPTHWISE}
 
@@ -82,9 +84,7 @@ def main() -> None:
               f"{r['packed_weight_bytes']:,} weight bytes")
     target = config.output_dir() / "bench_int2_mixed.json"
     target.parent.mkdir(parents=True, exist_ok=True)
-    with files.atomic_path(target) as tmp:
-        tmp.write_text(json.dumps(out, indent=2))
-    print(f"written to {target}")
+    print(f"written to {files.write_text(target, json.dumps(out, indent=2))}")
 
 
 if __name__ == "__main__":

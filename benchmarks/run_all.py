@@ -14,7 +14,7 @@ from kws_utils import config, files  # noqa: E402
 
 # Benchmark modules in course order; each has run() -> dict of figures.
 MODULES = ["bench_features", "bench_data", "bench_training", "bench_deploy", "bench_streaming",
-           "bench_calib_silence", "bench_ptq_real"]
+           "bench_calib_silence", "bench_ptq_real", "bench_int2_mixed"]
 
 
 def cpu_name() -> str:
