@@ -63,8 +63,10 @@ lab: setup
 	$(BIN)/jupyter lab notebooks/
 
 # Maintainers: re-execute the committed notebooks in place on the default profile, then write
-# each notebook's measured time into its first cell and the README.
+# each notebook's measured time into its first cell and the README. First check that the results
+# files the notebooks print are there (scripts/notebook_inputs.py says how to make them).
 notebooks: setup
+	$(BIN)/python scripts/notebook_inputs.py
 	for nb in $(NOTEBOOKS); do \
 	  $(BIN)/jupyter nbconvert --to notebook --execute --inplace --ExecutePreprocessor.timeout=-1 "$$nb" || exit 1; \
 	done

@@ -29,11 +29,8 @@ import torch
 from kws_utils import config, export, files, model, quant, real_audio
 
 SUBSETS, SIZE, BITS = 5, 200, 2     # bench_ptq_real.py's protocol
-# the reference model's depthwise layers (named after MLPerf's layers: depthwise2 ... depthwise5)
-DEPTHWISE = tuple(n for n, m in model.reference_model().named_modules()
-                  if isinstance(m, torch.nn.Conv2d) and m.groups > 1)
 VARIANTS = {"conv1 + fc6 8-bit": model.EDGE_LAYERS,
-            "conv1 + fc6 + depthwise 8-bit": model.EDGE_LAYERS + DEPTHWISE}
+            "conv1 + fc6 + depthwise 8-bit": model.EDGE_LAYERS + model.DEPTHWISE_LAYERS}
 
 
 def accuracy(path: Path, x: torch.Tensor, y: torch.Tensor) -> float:

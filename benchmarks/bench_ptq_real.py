@@ -7,7 +7,9 @@ silence cuts of the training noise recordings (``config.CALIB_SILENCE_SHARE``), 
 to the TI integer ONNX and scored under onnxruntime on the official Speech Commands test set (4,890 clips, scoring only). Learned rounding is the one call
 ``quant.learn_rounding(wrapper, calib)`` with its defaults. At 4 and 2 bits learned rounding also
 runs with the first and last layer kept 8-bit (``model.EDGE_LAYERS``, TI's ``mixed_precision``),
-a common choice in low-bit quantization; each row gives its packed weight bytes. Times are wall seconds per
+a common choice in low-bit quantization, and with the four depthwise layers 8-bit as well
+(``model.DEPTHWISE_LAYERS``, chosen on held-out pool clips by ``bench_int2_mixed.py``); each row gives
+its packed weight bytes. Times are wall seconds per
 calibration subset (calibration + learned rounding) with ``KWS_BENCH_THREADS`` torch threads
 (default 1); on a shared machine they vary with the load.
 Writes output/bench_ptq_real.json (atomically).
@@ -53,7 +55,9 @@ def score(bits: int, calib: torch.Tensor, learn: bool, x: torch.Tensor, y: torch
 def variants() -> list[tuple[str, int, bool, tuple[str, ...]]]:
     """(key, bits, learned rounding?, 8-bit layers) of every measured variant."""
     out = [(f"int{b}_{'learned' if learn else 'nearest'}", b, learn, ()) for b in BITS for learn in (False, True)]
-    return out + [(f"int{b}_edges8_learned", b, True, model.EDGE_LAYERS) for b in BITS if b < 8]
+    out += [(f"int{b}_edges8_learned", b, True, model.EDGE_LAYERS) for b in BITS if b < 8]
+    return out + [(f"int{b}_edges_dw8_learned", b, True, model.EDGE_LAYERS + model.DEPTHWISE_LAYERS)
+                  for b in BITS if b < 8]
 
 
 def run() -> dict:

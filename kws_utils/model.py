@@ -14,6 +14,10 @@ from kws_utils.errors import FileFormatError, InputError, InputTypeError, Missin
 # The first and last layer, which low-bit quantization commonly keeps at 8 bits (quant.qconfig_for's
 # keep_8bit). Both are small: 3,328 of the DS-CNN's 22,016 weights.
 EDGE_LAYERS = ("conv1", "fc6")
+# The four 3x3 depthwise layers: 2,304 weights, each applied at every time-frequency position. At int2,
+# keeping them 8-bit too lifted held-out pool accuracy on every calibration subset
+# (benchmarks/bench_int2_mixed.py).
+DEPTHWISE_LAYERS = tuple(f"depthwise{i}" for i in range(2, 6))
 
 
 class DSCNN(nn.Module):

@@ -162,20 +162,24 @@ def calibration_subsets(n_subsets: int, size: int, seed: int = config.SEED,
                          "cuts) or False (speech clips only).")
     picks = calibration_picks(n_subsets, size, len(pool[0]), seed)
     clips = pool_clips()
-    noise = calibration_noise() if copies else []
     out = []
     for i, pick in enumerate(picks):
-        views = []
-        if copies:
-            waves = data.load_clips([clips[j] for j in pick], desc="load calibration clips")
-            gen = torch.Generator().manual_seed(seed + i)
-            views = [features.compute_features(waves, augment=(noise, gen), desc="MFCC augmented copies")
-                     for _ in range(copies)]
+        views = augmented_copies([clips[j] for j in pick], copies, seed + i)
         speech = torch.cat([pool[0][torch.from_numpy(pick)], *views])
         if silence:
             speech = torch.cat([speech, calibration_silence(silence_count(len(speech)), seed + i)])
         out.append(speech)
     return out
+
+
+def augmented_copies(clips: list[data.Clip], copies: int, seed: int) -> list[torch.Tensor]:
+    """``copies`` augmented MFCC views of ``clips`` (time shift, real noise), made as training's views."""
+    if not copies:
+        return []
+    waves = data.load_clips(clips, desc="load calibration clips")
+    gen, noise = torch.Generator().manual_seed(seed), calibration_noise()
+    return [features.compute_features(waves, augment=(noise, gen), desc="MFCC augmented copies")
+            for _ in range(copies)]
 
 
 def calibration_picks(n_subsets: int, size: int, pool_size: int, seed: int = config.SEED) -> list[np.ndarray]:

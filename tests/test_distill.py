@@ -72,6 +72,23 @@ def test_distillation_lowers_kl_and_keeps_the_tinpu_form(backend, monkeypatch, t
     assert len(weights) == 10 and all(np.abs(w).max() <= 1 for w in weights)
 
 
+@pytest.mark.parametrize("backend", ["course", pytest.param("ti", marks=pytest.mark.skipif(
+    not _HAS_TI, reason="TI's tinyml_torchmodelopt is not installed"))])
+def test_mixed_precision_start_and_distillation_keep_the_8bit_layers(backend, monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("KWS_QUANT_BACKEND", backend)
+    keep = model.EDGE_LAYERS + model.DEPTHWISE_LAYERS
+    teacher, x = _teacher(), torch.randn(64, *config.INPUT_SHAPE)
+    start = distill.rounded_start(teacher, 2, x, iters=5, keep_8bit=keep)
+    wrapper = distill.qat_wrapper(start, 2, epochs=1, keep_8bit=keep)
+    distill.distill_fit(wrapper, teacher, [x], distill.Schedule(1, 0.01, 32, 0, 0))
+    wrapper.convert()
+    npu = tinpu_onnx.load_integer_onnx(course.export_integer(wrapper, tmp_path / "mixed.onnx"))
+    bits = {layer.name: layer.weight_bits for layer in npu.layers if layer.weight is not None}
+    assert {n for n, b in bits.items() if b == 8} == set(keep)
+    assert {b for n, b in bits.items() if n not in keep} == {2}
+    assert all(np.abs(layer.weight).max() <= 1 for layer in npu.layers if layer.name in bits and bits[layer.name] == 2)
+
+
 def test_distillation_refuses_test_inputs() -> None:
     x = torch.randn(4, *config.INPUT_SHAPE) + 123.0
     holdout.register_test_inputs(x, "test_distill fake test set")
@@ -129,6 +146,29 @@ def test_int2_recipe_runs_end_to_end(monkeypatch, tmp_path) -> None:
     assert (tmp_path / "int2_recipes" / "onnx" / out["onnx"]).is_file()
     assert recipes.converged([0.5, 0.9, 0.905, 0.899]) and not recipes.converged([0.9, 0.8, 0.9])
     assert 0 <= out["fake_quant_test_accuracy"] <= 1
+
+
+def test_distill_reference_mixed_precision_runs_end_to_end(monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("KWS_OUTPUT", str(tmp_path))
+    monkeypatch.setenv("KWS_QUANT_BACKEND", "course")
+    monkeypatch.setenv("KWS_PROFILE", "ci")
+    sys.path.insert(0, str(SCRIPTS))
+    script = importlib.import_module("distill_reference")
+    keep = script.KEEP_8BIT["edges_dw"]
+    assert set(keep) == set(model.EDGE_LAYERS + model.DEPTHWISE_LAYERS)
+    torch.manual_seed(2)
+    x, y = torch.randn(40, *config.INPUT_SHAPE), torch.randint(0, 12, (40,))
+    teacher = _teacher()
+    ptq, init = script.learned_ptq(teacher, 2, x, keep)
+    out = script.distil(teacher, init, 2, [x], (x[:20], y[:20]), (x[20:], y[20:]),
+                        distill.Schedule(2, 0.01, 20, 0, 0), 4.0, "tiny", keep)
+    assert out["weights_8bit"] == list(keep) and len(out["val_acc"]) == 2 and out["onnx_identical_to_torch"]
+    npu = tinpu_onnx.load_integer_onnx(tmp_path / "distill_reference" / out["onnx"])
+    assert {layer.name for layer in npu.layers if layer.weight is not None and layer.weight_bits == 8} == set(keep)
+    runs = [{"int2_learned_rounding_ptq": {"onnx_real_test_accuracy": p}, "distilled": [{"onnx_real_test_accuracy": d}]}
+            for p, d in ((0.6, 0.8), (0.7, 0.75))]
+    assert script.summary(runs, [2])["int2"] == pytest.approx(
+        {"ptq_mean": 0.65, "ptq_min": 0.6, "distilled_mean": 0.775, "distilled_min": 0.75})
 
 
 def _fc6_integers_past_a_frozen_scale(backend: str, monkeypatch, tmp_path: Path) -> np.ndarray:

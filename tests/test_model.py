@@ -28,6 +28,14 @@ def test_output_shape_and_parameter_count() -> None:
     assert sum(p.numel() for p in net.parameters()) == 23_756
 
 
+def test_named_layer_groups_are_the_layers_they_say() -> None:
+    layers = dict(model.DSCNN().named_modules())
+    assert [layers[n].groups for n in model.DEPTHWISE_LAYERS] == [64] * 4   # one filter per channel
+    assert sorted(n for n, m in layers.items() if isinstance(m, torch.nn.Conv2d) and m.groups > 1) \
+        == sorted(model.DEPTHWISE_LAYERS)
+    assert [type(layers[n]) for n in model.EDGE_LAYERS] == [torch.nn.Conv2d, torch.nn.Linear]   # first, last
+
+
 @pytest.mark.parametrize("shape", [(2, 49, 10), (2, 1, 10, 49), (2, 2, 49, 10), (49, 10)])
 def test_wrong_input_shape_names_the_expected_one(shape: tuple[int, ...]) -> None:
     with pytest.raises(ValueError, match=r"\(N, 1, 49, 10\)"):

@@ -110,3 +110,20 @@ def test_cells_skipped_in_the_second_ci_pass_leave_no_state(path: Path) -> None:
 
 def test_the_state_check_sees_an_assignment() -> None:
     assert _stores_names("x = 1\nprint(x)") == ["x"] and not _stores_names("print(f(1))")
+
+
+def test_notebook_inputs_names_files_the_notebooks_read(tmp_path: Path) -> None:
+    import importlib
+    import sys
+
+    sys.path.insert(0, str(config.REPO_ROOT / "scripts"))
+    inputs = importlib.import_module("notebook_inputs")
+    for name, number, command in inputs.INPUTS:
+        notebook = nbformat.read(next(NOTEBOOKS.glob(f"{number}_*.ipynb")), as_version=4)
+        assert Path(name).parts[0] in "".join(c.source for c in notebook.cells), (name, number)
+        assert (config.REPO_ROOT / command.split("python ")[1].split()[0]).is_file(), command
+    assert inputs.missing(tmp_path) == list(inputs.INPUTS)
+    for name, _, _ in inputs.INPUTS:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("{}")
+    assert inputs.missing(tmp_path) == []

@@ -178,10 +178,10 @@ def float_from_wrapper(wrapper: nn.Module, model: nn.Module) -> nn.Module:
 
 
 def rounded_start(model: nn.Module, bits: int, calib_x: torch.Tensor,
-                  iters: int | None = None) -> nn.Module:
+                  iters: int | None = None, keep_8bit: tuple[str, ...] = ()) -> nn.Module:
     """A float copy of ``model`` whose weights round to learned-rounding PTQ's integers."""
     wrapper = wrappers.TINPUTinyMLPTQFxModule(
-        copy.deepcopy(model).eval(), total_epochs=1, qconfig_type=qconfig.qconfig_for(bits),
+        copy.deepcopy(model).eval(), total_epochs=1, qconfig_type=qconfig.qconfig_for(bits, keep_8bit=keep_8bit),
         example_inputs=torch.zeros(1, *config.INPUT_SHAPE))
     course.calibrate(wrapper, calib_x)
     rounding.learn_rounding(wrapper, calib_x, iters=iters or config.profile().rounding_iters,
@@ -189,9 +189,10 @@ def rounded_start(model: nn.Module, bits: int, calib_x: torch.Tensor,
     return float_from_wrapper(wrapper, model)
 
 
-def qat_wrapper(model: nn.Module, bits: int, epochs: int) -> nn.Module:
+def qat_wrapper(model: nn.Module, bits: int, epochs: int, keep_8bit: tuple[str, ...] = ()) -> nn.Module:
     """A QAT wrapper of the active backend around a copy of ``model``, TI's qconfig for ``bits``."""
     wrapper = wrappers.quant_backend().TINPUTinyMLQATFxModule(
-        copy.deepcopy(model).eval(), total_epochs=epochs, qconfig_type=qconfig.qconfig_for(bits),
+        copy.deepcopy(model).eval(), total_epochs=epochs,
+        qconfig_type=qconfig.qconfig_for(bits, keep_8bit=keep_8bit),
         example_inputs=torch.zeros(1, *config.INPUT_SHAPE))
     return course.stable_conv_bn(wrapper)

@@ -1,0 +1,47 @@
+"""The results files that the committed notebooks print, and the command that makes each.
+
+Notebooks 03 and 05 print tables written by scripts that take too long to run inside a notebook
+(minutes to an hour on 2 cores). Re-executed without those files, a notebook prints "not run yet"
+where the table was, and committing it would lose the table. `make notebooks` runs this check first.
+Order matters: int2_recipes.py starts from notebook 03's model, so for a fresh machine run notebooks
+01-03 (default profile), then the commands this script prints, then `make notebooks`.
+
+    python scripts/notebook_inputs.py        # list what is missing; exit 1 if anything is
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from kws_utils import config  # noqa: E402
+
+# (results file under config.output_dir() for the default profile and the offline dataset,
+#  the notebook that prints it, the command that writes it)
+INPUTS = (
+    ("offline_data_choice.json", "03", "python scripts/choose_offline_data.py"),
+    ("int2_recipes/default_synthetic.json", "05", "KWS_PROFILE=default python scripts/int2_recipes.py --threads 2"),
+    ("bench_ptq_real.json", "05", "KWS_BENCH_THREADS=2 python benchmarks/bench_ptq_real.py"),
+)
+
+
+def missing(root: Path | None = None) -> list[tuple[str, str, str]]:
+    """The (file, notebook, command) rows of INPUTS whose file is not under ``root`` (the output folder)."""
+    root = config.output_dir() if root is None else root
+    return [row for row in INPUTS if not (root / row[0]).is_file()]
+
+
+def main() -> int:
+    """Print the missing results files with their commands; 1 if any is missing."""
+    absent = missing()
+    for name, notebook, command in absent:
+        print(f"missing {config.output_dir() / name} (notebook {notebook} prints it): {command}")
+    if absent:
+        print("Re-executing the notebooks now would commit 'not run yet' in place of those tables; run the "
+              "commands above first (see this script's docstring for the order).")
+    return 1 if absent else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
