@@ -38,8 +38,9 @@ def main() -> int:
     for name, notebook, command in absent:
         print(f"missing {config.output_dir() / name} (notebook {notebook} prints it): {command}")
     if absent:
-        print("Re-executing the notebooks now would commit 'not run yet' in place of those tables; run the "
-              "commands above first (see this script's docstring for the order).")
+        print("Re-executing the notebooks now would commit 'not run yet' in place of those tables. Order: "
+              "notebooks 01-03 on the default profile first (int2_recipes.py starts from notebook 03's model), "
+              "then the commands above, then make notebooks.")
     return 1 if absent else 0
 
 
