@@ -33,11 +33,6 @@ VARIANTS = {"conv1 + fc6 8-bit": model.EDGE_LAYERS,
             "conv1 + fc6 + depthwise 8-bit": model.EDGE_LAYERS + model.DEPTHWISE_LAYERS}
 
 
-def accuracy(path: Path, x: torch.Tensor, y: torch.Tensor) -> float:
-    """Integer-ONNX accuracy of ``path`` on (x, y) under onnxruntime."""
-    return float((export.onnx_predict(path, x).argmax(1) == y.numpy()).mean())
-
-
 def run() -> dict:
     """Per variant: held-out-pool and official-test accuracy per calibration subset, mean and minimum."""
     test, pool = real_audio.test_set(download=False), real_audio.pool_set()
@@ -61,8 +56,8 @@ def run() -> dict:
                 seconds = time.perf_counter() - start
                 path = quant.export_integer(wrapper, Path(tmp) / f"{len(keep)}_{i}.onnx")
                 held = np.setdiff1d(np.arange(len(pool[0])), pick)
-                rows.append({"heldout_pool": round(accuracy(path, pool[0][held], pool[1][held]), 4),
-                             "official_test": round(accuracy(path, *test), 4), "seconds": round(seconds, 1)})
+                rows.append({"heldout_pool": round(export.onnx_accuracy(path, pool[0][held], pool[1][held]), 4),
+                             "official_test": round(export.onnx_accuracy(path, *test), 4), "seconds": round(seconds, 1)})
                 print(name, i, rows[-1], flush=True)
             out["results"][name] = {
                 "weights_8bit": list(keep), "packed_weight_bytes": quant.packed_weight_bytes(path),

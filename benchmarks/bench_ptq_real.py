@@ -48,8 +48,7 @@ def score(bits: int, calib: torch.Tensor, learn: bool, x: torch.Tensor, y: torch
     seconds = time.perf_counter() - start
     wrapper.convert()
     path = quant.export_integer(wrapper, folder / f"int{bits}_{'learned' if learn else 'nearest'}.onnx")
-    logits = export.onnx_predict(path, x)
-    return float((logits.argmax(1) == y.numpy()).mean()), seconds, quant.packed_weight_bytes(path)
+    return export.onnx_accuracy(path, x, y), seconds, quant.packed_weight_bytes(path)
 
 
 def variants() -> list[tuple[str, int, bool, tuple[str, ...]]]:

@@ -99,6 +99,11 @@ def onnx_predict(path: str | Path, x: torch.Tensor | np.ndarray, batch_size: int
     return np.concatenate(batches)
 
 
+
+def onnx_accuracy(path: str | Path, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Share of inputs whose top ONNX output is the label, over the whole set ``x``."""
+    return float((onnx_predict(path, x).argmax(1) == np.asarray(y)).mean())
+
 def _shape_text(value: onnx.ValueInfoProto) -> str:
     """'NxCxHxW'-style text of a value's shape ('?' where unknown)."""
     dims = value.type.tensor_type.shape.dim

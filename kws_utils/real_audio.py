@@ -161,25 +161,22 @@ def calibration_subsets(n_subsets: int, size: int, seed: int = config.SEED,
         raise InputError(f"silence={silence!r}: give True (add config.CALIB_SILENCE_SHARE of silence "
                          "cuts) or False (speech clips only).")
     picks = calibration_picks(n_subsets, size, len(pool[0]), seed)
-    clips = pool_clips()
-    out = []
-    for i, pick in enumerate(picks):
-        views = augmented_copies([clips[j] for j in pick], copies, seed + i)
-        speech = torch.cat([pool[0][torch.from_numpy(pick)], *views])
-        if silence:
-            speech = torch.cat([speech, calibration_silence(silence_count(len(speech)), seed + i)])
-        out.append(speech)
-    return out
+    return [calibration_set(pick, copies, seed + i, silence) for i, pick in enumerate(picks)]
 
 
-def augmented_copies(clips: list[data.Clip], copies: int, seed: int) -> list[torch.Tensor]:
-    """``copies`` augmented MFCC views of ``clips`` (time shift, real noise), made as training's views."""
-    if not copies:
-        return []
-    waves = data.load_clips(clips, desc="load calibration clips")
-    gen, noise = torch.Generator().manual_seed(seed), calibration_noise()
-    return [features.compute_features(waves, augment=(noise, gen), desc="MFCC augmented copies")
-            for _ in range(copies)]
+def calibration_set(picks: np.ndarray, copies: int, seed: int, silence: bool = True) -> torch.Tensor:
+    """Pool clips ``picks`` (MFCC) + ``copies`` augmented views of each (time shift, real noise) + silence."""
+    pool, clips = pool_set(), pool_clips()
+    views = []
+    if copies:   # made as training's views are
+        waves = data.load_clips([clips[j] for j in picks], desc="load calibration clips")
+        gen, noise = torch.Generator().manual_seed(seed), calibration_noise()
+        views = [features.compute_features(waves, augment=(noise, gen), desc="MFCC augmented copies")
+                 for _ in range(copies)]
+    speech = torch.cat([pool[0][torch.as_tensor(picks)], *views])
+    if silence:
+        speech = torch.cat([speech, calibration_silence(silence_count(len(speech)), seed)])
+    return speech
 
 
 def calibration_picks(n_subsets: int, size: int, pool_size: int, seed: int = config.SEED) -> list[np.ndarray]:

@@ -123,11 +123,8 @@ def run_seed(args: argparse.Namespace, seed: int, teacher: nn.Module,
              test: tuple[torch.Tensor, torch.Tensor]) -> dict:
     """One draw of the pool split, silence cuts and noise crops: PTQ baseline and distillation per bit width."""
     pool_train, val_x, val_y, train_idx = split_pool(seed)
-    # calibrated as real_audio.calibration_subsets does: augmented copies, then one input in twelve silence
-    clips = real_audio.pool_clips()
-    speech = torch.cat([pool_train, *real_audio.augmented_copies([clips[i] for i in train_idx.tolist()],
-                                                                  args.calib_copies, seed)])
-    calib_x = torch.cat([speech, real_audio.calibration_silence(real_audio.silence_count(len(speech)), seed)])
+    calib_x = real_audio.calibration_set(train_idx.numpy(), args.calib_copies, seed)   # + silence cuts
+    n_speech = len(pool_train) * (1 + args.calib_copies)
     extra = torch.cat([pool_train.repeat(4, 1, 1, 1), noise_inputs(NOISE_CROPS, seed)])  # real audio x 4
     views = ([extra] if args.synthetic == "none"
              else [torch.cat([v, extra]) for v in synthetic_views(args.synthetic)])
@@ -138,7 +135,7 @@ def run_seed(args: argparse.Namespace, seed: int, teacher: nn.Module,
                          f"{len(views[0]) - len(extra)}), real calibration pool ({len(pool_train)} clips x 4), "
                          f"{NOISE_CROPS} real-noise crops; soft targets = the float reference's logits",
            "calibrated_on": f"real calibration pool ({len(pool_train)} clips) + {args.calib_copies} augmented "
-                            f"copies of each + {len(calib_x) - len(speech)} silence cuts of the training noise recordings",
+                            f"copies of each + {len(calib_x) - n_speech} silence cuts of the training noise recordings",
            "validated_on": f"held-out real calibration pool ({len(val_x)} clips, labels)", "distilled": []}
     for bits in args.bits:
         t0 = time.perf_counter()

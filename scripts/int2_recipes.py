@@ -108,8 +108,7 @@ def score_onnx(wrapper: nn.Module, name: str, feats: training.FeatureSets,
     """Export a converted wrapper's integer ONNX and score it on the test split and real test set."""
     path = quant.export_integer(wrapper, onnx_path(name))
     acc, identical = quant.onnx_check(quant.integer_module(wrapper), path, feats.test_x, feats.test_y)
-    real_acc = None if real is None else float(
-        (kws_export.onnx_predict(path, real[0]).argmax(1) == real[1].numpy()).mean())
+    real_acc = None if real is None else kws_export.onnx_accuracy(path, *real)
     return {"onnx": path.name, "onnx_test_accuracy": acc, "onnx_identical_to_torch": identical,
             "onnx_real_test_accuracy": real_acc}
 

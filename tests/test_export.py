@@ -40,6 +40,9 @@ def test_float_export_matches_torch_with_dynamic_batch(tmp_path) -> None:
     with torch.no_grad():
         np.testing.assert_allclose(got, net(x).numpy(), atol=1e-4)
     assert not net.training   # export leaves the model's mode as it was
+    labels = torch.as_tensor(got.argmax(1))
+    labels[:7] = (labels[:7] + 1) % len(config.LABELS)   # 7 of 70 wrong
+    assert export.onnx_accuracy(path, x, labels) == pytest.approx(0.9)
 
 
 def test_graph_summary_lists_nodes_and_shapes(tmp_path) -> None:
