@@ -17,12 +17,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from kws_utils import config  # noqa: E402
 
+DISTILL = "python scripts/distill_reference.py --bits 2 --seeds 0 1 2 3 4 --threads 2"   # 5 seeds, about 1-2 min each
 # (results file under config.output_dir() for the default profile and the offline dataset,
 #  the notebook that prints it, the command that writes it)
 INPUTS = (
     ("offline_data_choice.json", "03", "python scripts/choose_offline_data.py"),
     ("int2_recipes/default_synthetic.json", "05", "KWS_PROFILE=default python scripts/int2_recipes.py --threads 2"),
     ("bench_ptq_real.json", "05", "KWS_BENCH_THREADS=2 python benchmarks/bench_ptq_real.py"),
+    ("distill_reference_int2_edges_dw.json", "05",
+     f"{DISTILL} --keep-8bit edges_dw --name distill_reference_int2_edges_dw"),
+    *((f"distill_reference_int2_copies_lr5e-4_e{n}.json", "05",
+       f"{DISTILL} --calib-copies 4 --lr 0.0005 --epochs {n} --name distill_reference_int2_copies_lr5e-4_e{n}")
+      for n in (3, 5, 10)),
 )
 
 

@@ -26,7 +26,7 @@ from kws_utils import files  # noqa: E402
 
 # Where a first run does more than the timed run did (the timed run had both already built).
 FIRST_RUN = {
-    "01": " A first run also generates the offline dataset (about 1.5 minutes).",
+    "01": " A first run also generates the offline dataset (a minute or two on 2 cores).",
     "03": " A first run also computes the MFCC feature cache.",
 }
 TIME_LINE = re.compile(r"\*\*Time:\*\*[^\n]*")
