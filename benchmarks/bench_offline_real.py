@@ -7,9 +7,14 @@ model on the official Speech Commands test set. It needs ``../shared/speech_comm
 KWS_TEST_DIR) for the score; without it, it reports the times only.
 
     KWS_PROFILE=default python benchmarks/bench_offline_real.py      # about 25 min on 2 cores
+    KWS_PROFILE=default python benchmarks/bench_offline_real.py --tts-share 0.25 --reverb-share 0.5
+                                            # levers not adopted yet (config.py), about 35 min
+
+The neural voice bank (``--tts-share`` > 0) is rendered afresh too: its time counts in the budget.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -20,23 +25,30 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from timing import timed  # noqa: E402
 
 
-def run() -> dict:
+def run(tts_share: float | None = None, reverb_share: float | None = None) -> dict:
     """Generate, featurize, train and score in a fresh data root; return the figures."""
     with tempfile.TemporaryDirectory(prefix="kws_offline_") as tmp:
         # Set before the course is imported: every path of the run then lies in the temp folder.
         os.environ.update(KWS_DATA_ROOT=str(Path(tmp) / "data"), KWS_OUTPUT=str(Path(tmp) / "out"),
                           KWS_DATASET="synthetic")
-        from kws_utils import config, data, real_audio, training
+        from kws_utils import config, data, real_audio, synthetic, training
         from kws_utils.model import DSCNN
 
         prof = config.profile()
-        info, generate_s = timed(data.ensure_dataset)
+        share = config.SYNTH_TTS_SHARE if tts_share is None else tts_share
+        reverb = config.SYNTH_REVERB_SHARE if reverb_share is None else reverb_share
+        recipe = synthetic.Recipe(reverb_share=reverb, tts_share=share, tts_voices=prof.tts_voices)
+        dirs, generate_s = timed(synthetic.ensure_synthetic, config.synthetic_data_dir(),
+                                 config.synthetic_test_dir(), prof.synth_speakers,
+                                 prof.synth_test_per_class, config.SEED, recipe=recipe)
+        info = data.DatasetInfo("synthetic", *dirs, f"offline dataset, neural voices {share}, rooms {reverb}")
         feats, features_s = timed(training.prepare_features, info)
         net = DSCNN()
         _, train_s = timed(training.fit, net, feats.train_views, feats.train_y, feats.val_x,
                            feats.val_y, prof.epochs, prof.lr, prof.batch_size, training.set_seed())
         figures = {
             "profile": prof.name, "speakers": prof.synth_speakers, "cores": os.cpu_count(),
+            "tts_share": share, "tts_voices": prof.tts_voices if share else 0, "reverb_share": reverb,
             "generate_s": round(generate_s, 1), "budget_s": 600,
             "within_budget": generate_s <= 600,
             "training_clips": len(feats.train_y), "features_s": round(features_s, 1),
@@ -54,5 +66,21 @@ def run() -> dict:
 
 
 if __name__ == "__main__":   # the dataset generator starts worker processes
-    result = run()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tts-share", type=float, default=None,
+                        help="share of training speakers voiced by the neural TTS bank "
+                             "(default: the course's, config.SYNTH_TTS_SHARE)")
+    parser.add_argument("--reverb-share", type=float, default=None,
+                        help="share of speakers recorded in a reverberant room "
+                             "(default: the course's, config.SYNTH_REVERB_SHARE)")
+    args = parser.parse_args()
+    # Where to save, read before run() points KWS_OUTPUT at its temporary folder.
+    out_dir = Path(os.environ.get("KWS_OUTPUT") or Path(__file__).resolve().parent.parent / "output")
+    result = run(args.tts_share, args.reverb_share)
     print(json.dumps(result, indent=1))
+    from kws_utils import files
+    levers = "" if args.tts_share is None and args.reverb_share is None else \
+        f"_tts{result['tts_share']}_reverb{result['reverb_share']}"
+    target = out_dir / f"bench_offline_real_{result['profile']}{levers}.json"
+    files.write_text(target, json.dumps(result, indent=1))
+    print(f"written to {target}")

@@ -9,13 +9,17 @@ to the TI integer ONNX and scored under onnxruntime on the official Speech Comma
 runs with the first and last layer kept 8-bit (``model.EDGE_LAYERS``, TI's ``mixed_precision``),
 a common choice in low-bit quantization, and with the four depthwise layers 8-bit as well
 (``model.DEPTHWISE_LAYERS``, chosen on held-out pool clips by ``bench_int2_mixed.py``); each row gives
-its packed weight bytes. Times are wall seconds per
+its packed weight bytes. int4 also runs with TI's own example settings (``quant.ti_example_qconfig(4)``:
+no power-of-2 scales, per-tensor affine activations, depthwise2/3 and pointwise2/3 kept 8-bit), and
+with those settings but every layer 4-bit, which separates what the scales give from what the 8-bit
+layers give. Times are wall seconds per
 calibration subset (calibration + learned rounding) with ``KWS_BENCH_THREADS`` torch threads
 (default 1); on a shared machine they vary with the load.
-Writes output/bench_ptq_real.json (atomically).
+Writes output/bench_ptq_real.json (atomically); ``--missing`` runs only the variants that file lacks.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -35,11 +39,22 @@ SIZE = int(os.environ.get("KWS_BENCH_CALIB_SIZE", "200"))
 BITS = tuple(int(b) for b in os.environ.get("KWS_BENCH_BITS", "8,4,2").split(","))
 
 
+def qconfig(bits: int, keep_8bit: tuple[str, ...], ti_example: bool) -> dict:
+    """The course's qconfig or TI's example settings, with ``keep_8bit`` layers at 8 bits."""
+    if not ti_example:
+        return quant.qconfig_for(bits, keep_8bit=keep_8bit)
+    qt = quant.ti_example_qconfig(bits)
+    qt["weight"].pop("mixed_precision", None)
+    if keep_8bit:
+        qt["weight"]["mixed_precision"] = {8: list(keep_8bit)}
+    return qt
+
+
 def score(bits: int, calib: torch.Tensor, learn: bool, x: torch.Tensor, y: torch.Tensor,
-          folder: Path, keep_8bit: tuple[str, ...] = ()) -> tuple[float, float, int]:
+          folder: Path, keep_8bit: tuple[str, ...] = (), ti_example: bool = False) -> tuple[float, float, int]:
     """(integer-ONNX accuracy on x, seconds of calibration + learned rounding, packed weight bytes)."""
     wrapper = quant.TINPUTinyMLPTQFxModule(model.reference_model(), total_epochs=1,
-                                           qconfig_type=quant.qconfig_for(bits, keep_8bit=keep_8bit))
+                                           qconfig_type=qconfig(bits, keep_8bit, ti_example))
     quant.match_integer_model(wrapper)   # learn on the network the integer model computes
     start = time.perf_counter()
     quant.calibrate(wrapper, calib)
@@ -51,16 +66,26 @@ def score(bits: int, calib: torch.Tensor, learn: bool, x: torch.Tensor, y: torch
     return export.onnx_accuracy(path, x, y), seconds, quant.packed_weight_bytes(path)
 
 
-def variants() -> list[tuple[str, int, bool, tuple[str, ...]]]:
-    """(key, bits, learned rounding?, 8-bit layers) of every measured variant."""
-    out = [(f"int{b}_{'learned' if learn else 'nearest'}", b, learn, ()) for b in BITS for learn in (False, True)]
-    out += [(f"int{b}_edges8_learned", b, True, model.EDGE_LAYERS) for b in BITS if b < 8]
-    return out + [(f"int{b}_edges_dw8_learned", b, True, model.EDGE_LAYERS + model.DEPTHWISE_LAYERS)
-                  for b in BITS if b < 8]
+def variants() -> list[tuple[str, int, bool, tuple[str, ...], bool]]:
+    """(key, bits, learned rounding?, 8-bit layers, TI's example settings?) of every measured variant."""
+    out = [(f"int{b}_{'learned' if learn else 'nearest'}", b, learn, (), False)
+           for b in BITS for learn in (False, True)]
+    out += [(f"int{b}_edges8_learned", b, True, model.EDGE_LAYERS, False) for b in BITS if b < 8]
+    out += [(f"int{b}_edges_dw8_learned", b, True, model.EDGE_LAYERS + model.DEPTHWISE_LAYERS, False)
+            for b in BITS if b < 8]
+    if 4 in BITS:
+        kept = tuple(quant.ti_example_qconfig(4)["weight"]["mixed_precision"][8])
+        out += [(f"int4_ti_example_{'learned' if learn else 'nearest'}", 4, learn, kept, True)
+                for learn in (False, True)]
+        out += [("int4_ti_example_all4_nearest", 4, False, (), True)]   # the same with every layer 4-bit
+    return out
 
 
-def run() -> dict:
-    """Float accuracy, then mean/min integer-ONNX accuracy over the subsets per bit width and method."""
+def run(done: dict | None = None) -> dict:
+    """Float accuracy, then mean/min integer-ONNX accuracy over the subsets per bit width and method.
+
+    ``done``: an earlier results file's contents; its variants are kept, not run again.
+    """
     test = real_audio.test_set(download=False)
     subsets = real_audio.calibration_subsets(SUBSETS, SIZE, copies=config.CALIB_COPIES) \
         if real_audio.noise_dir() is not None else []
@@ -75,15 +100,26 @@ def run() -> dict:
                             f"{real_audio.describe_calibration(SIZE, config.CALIB_COPIES)}",
            "scored_on": f"{real_audio.describe_test()}, {len(y)} clips, integer ONNX (onnxruntime)",
            "threads": torch.get_num_threads(), "float_acc": round(float_acc, 4), "results": {}}
+    if done is not None:
+        if {k: done.get(k) for k in ("calibrated_on", "scored_on", "float_acc")} != \
+                {k: out[k] for k in ("calibrated_on", "scored_on", "float_acc")}:
+            raise SystemExit("--missing: the earlier results were calibrated or scored otherwise; run without it.")
+        out = {**done, "results": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        for key, bits, learn, keep in variants():
-            runs = [score(bits, calib, learn, x, y, Path(tmp), keep) for calib in subsets]
+        for key, bits, learn, keep, example in variants():
+            if done is not None and key in done["results"]:
+                out["results"][key] = done["results"][key]
+                continue
+            runs = [score(bits, calib, learn, x, y, Path(tmp), keep, example) for calib in subsets]
             accs = [a for a, _, _ in runs]
             out["results"][key] = {"accs": [round(a, 4) for a in accs],
                                    "mean": round(sum(accs) / len(accs), 4),
                                    "min": round(min(accs), 4),
                                    "seconds_per_subset": round(sum(s for _, s, _ in runs) / len(runs), 1),
-                                   "weights_8bit": list(keep), "packed_weight_bytes": runs[0][2]}
+                                   "weights_8bit": list(keep), "packed_weight_bytes": runs[0][2],
+                                   "date": time.strftime("%Y-%m-%d", time.gmtime())}
+            if example:
+                out["results"][key]["settings"] = "TI's example (quant.ti_example_qconfig)"
             print(f"{key}: {out['results'][key]}", flush=True)
     return out
 
@@ -98,11 +134,11 @@ def table(out: dict) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def main(missing: bool = False) -> None:
     """Run, print the table and write output/bench_ptq_real.json."""
-    out = run()
-    print(table(out) if "results" in out else out)
     target = config.output_dir() / "bench_ptq_real.json"
+    out = run(json.loads(target.read_text()) if missing and target.is_file() else None)
+    print(table(out) if "results" in out else out)
     target.parent.mkdir(parents=True, exist_ok=True)
     with files.atomic_path(target) as tmp:
         tmp.write_text(json.dumps(out, indent=2))
@@ -110,4 +146,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--missing", action="store_true",
+                        help="keep the variants already in output/bench_ptq_real.json; run only the others")
+    main(parser.parse_args().missing)

@@ -55,6 +55,9 @@ SYNTH_SPEED_RANGE = (0.85, 1.15)
 # Share of synthetic speakers recorded in a reverberant room: measured on the pool by
 # scripts/choose_offline_data.py --levers, not adopted yet (the README gives the figures).
 SYNTH_REVERB_SHARE = 0.0
+# Share of the synthetic training speakers who speak with a neural TTS voice (kws_utils.neural_voice)
+# instead of espeak-ng; the bank's size is the profile's tts_voices.
+SYNTH_TTS_SHARE = 0.0
 
 SAMPLE_RATE = 16_000
 CLIP_SAMPLES = 16_000          # 1 s clips
@@ -125,6 +128,7 @@ class Profile:
     momentum: float = 0.0        # departure if > 0: SGD momentum (TI's example uses none)
     per_batch_schedule: bool = False    # departure: step the cosine schedule every batch, not epoch
     int2_qat_lr: float | None = None    # departure: a QAT learning rate for 2-bit weights only
+    tts_voices: int = 20         # neural TTS voices rendered for the offline dataset (~0.7 s a word)
 
     @property
     def qat_lr(self) -> float:
@@ -169,7 +173,7 @@ PROFILES = {
     # (a block that gets no better keeps round-to-nearest); the real-speech tests use more.
     "ci": Profile("ci", synth_speakers=60, synth_test_per_class=40, epochs=8,
                   batch_size=100, lr=0.5, aug_views=2, calib_clips=200, qat_epochs_cap=2,
-                  rounding_iters=50),
+                  rounding_iters=50, tts_voices=3),
 }
 
 

@@ -481,12 +481,16 @@ def _real_info(train: Path, test: Path) -> DatasetInfo:
 def _synthetic_info(reason: str = "") -> DatasetInfo:
     """Generate (if needed) and describe the synthetic dataset of the active profile."""
     prof = config.profile()
+    recipe = synthetic.Recipe(tts_voices=prof.tts_voices)
     train, test = synthetic.ensure_synthetic(config.synthetic_data_dir(),
                                              config.synthetic_test_dir(), prof.synth_speakers,
-                                             prof.synth_test_per_class, config.SEED)
+                                             prof.synth_test_per_class, config.SEED, recipe=recipe)
     validate_train_dir(train)
     validate_test_dir(test)
-    text = (f"SYNTHETIC stand-in for Speech Commands v2: espeak-ng speech, {prof.synth_speakers} "
+    voices = ("espeak-ng speech" if not recipe.tts_share else
+              f"espeak-ng speech and {recipe.tts_voices} neural TTS voices (Kokoro-82M) for "
+              f"{recipe.tts_share:.0%} of the training speakers")
+    text = (f"SYNTHETIC stand-in for Speech Commands v2: {voices}, {prof.synth_speakers} "
             f"synthetic speakers (profile '{prof.name}', seed {config.SEED}), same folder layout "
             "and 12 MLPerf Tiny classes.")
     return DatasetInfo("synthetic", train, test, f"{text} {reason}".strip())

@@ -4,8 +4,9 @@ The generated folders look exactly like ``speech_commands_v0.02`` and
 ``speech_commands_test_set_v0.02`` so that every later step of the course runs unchanged. Speech
 comes from espeak-ng (shipped by the ``espeakng-loader`` wheel, called through ctypes); speakers
 differ in voice, rate and pitch, clips differ in speed, level, timing, noise and filtering. What the
-dataset holds beyond its size (takes per word, speed perturbation) is a ``Recipe``; the course's
-was chosen on real non-test clips by ``scripts/choose_offline_data.py``.
+dataset holds beyond its size (takes per word, speed perturbation, reverberant rooms, a share of
+training speakers with a neural TTS voice from ``kws_utils.neural_voice``) is a ``Recipe``; the
+course's was chosen on real non-test clips by ``scripts/choose_offline_data.py``.
 
 Determinism: every random choice comes from a numpy generator seeded by (seed, what is drawn).
 espeak-ng itself carries hidden state from one utterance to the next (e.g. its pitch flutter), so
@@ -36,7 +37,7 @@ import torch
 import torchaudio
 from scipy.signal import butter, firwin, resample_poly, sosfilt
 
-from kws_utils import config, files, progress
+from kws_utils import config, files, neural_voice, progress
 from kws_utils.errors import InputError, TargetExistsError
 
 GENERATOR_VERSION = 2      # bump when the output changes, so old folders are regenerated
@@ -58,7 +59,8 @@ VARIANTS = ("", "m1", "m2", "m3", "m4", "m5", "m6", "m7", "f1", "f2", "f3", "f4"
             "Michael", "Andrea")
 ESPEAK_VOLUME = 70         # below 100: louder settings clip some variants
 # Separate random streams, so adding one kind of draw never shifts another.
-STREAM_SPEAKER_IDS, STREAM_SPEAKER, STREAM_CLIP, STREAM_NOISE, STREAM_TEST, STREAM_SPEED, STREAM_ROOM = range(7)
+(STREAM_SPEAKER_IDS, STREAM_SPEAKER, STREAM_CLIP, STREAM_NOISE, STREAM_TEST, STREAM_SPEED, STREAM_ROOM,
+ STREAM_TTS) = range(8)
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,8 @@ class Recipe:
     speed_min: float = config.SYNTH_SPEED_RANGE[0]   # per-clip speed perturbation, drawn uniformly
     speed_max: float = config.SYNTH_SPEED_RANGE[1]
     reverb_share: float = config.SYNTH_REVERB_SHARE   # speakers recorded in a reverberant room
+    tts_share: float = config.SYNTH_TTS_SHARE   # training speakers voiced by the neural bank
+    tts_voices: int = config.PROFILES["default"].tts_voices   # neural bank size (data.py: the profile's)
 
     def draw_room(self, seed: int, speaker: int) -> tuple[float, float]:
         """A speaker's room as (RT60 in s, direct-to-reverberant ratio in dB); (0, 0) is dry."""
@@ -76,6 +80,14 @@ class Recipe:
         if rng.random() >= self.reverb_share:
             return (0.0, 0.0)
         return (float(np.exp(rng.uniform(np.log(0.15), np.log(0.9)))), float(rng.uniform(-2, 12)))
+
+    def draw_tts(self, seed: int, speaker: int, split: str) -> int:
+        """The neural bank voice a speaker speaks with, or -1 for espeak-ng."""
+        # Training speakers only: a bank voice heard in training would leak into validation/test.
+        if not self.tts_share or split != "training":
+            return -1
+        rng = np.random.default_rng([seed, STREAM_TTS, speaker])
+        return int(rng.integers(self.tts_voices)) if rng.random() < self.tts_share else -1
 
     def draw_speed(self, *stream: int) -> float:
         """One clip's speed factor, from its own seeded stream (1.0 when the range is empty)."""
@@ -390,7 +402,14 @@ def render_word(espeak: Espeak, word: str, speaker: Speaker,
     pitch = int(np.clip(speaker.pitch + rng.integers(-5, 6), 0, 100))
     raw = espeak.speak(text, speaker.voice, rate, pitch, speaker.pitch_range,
                        int(rng.integers(0, 2**31)))
-    speech = change_speed(_trim(_to_16k(raw.astype(np.float64) / 32768, espeak.sample_rate)), speed)
+    return record(_trim(_to_16k(raw.astype(np.float64) / 32768, espeak.sample_rate)), speaker, rng,
+                  speed, room)
+
+
+def record(speech: np.ndarray, speaker: Speaker, rng: np.random.Generator, speed: float = 1.0,
+           room: tuple[float, float] = (0.0, 0.0)) -> np.ndarray:
+    """A dry 16 kHz utterance as ``speaker``'s microphone records it: int16, up to 1 s."""
+    speech = change_speed(speech, speed)
     if room[0] > 0:
         speech = reverberate(speech, *room, np.random.default_rng(rng.integers(0, 2**63)))
     # Most real clips are exactly 1 s; about one in ten is shorter.
@@ -519,22 +538,29 @@ class Job:
     seed: tuple[int, ...]
     speed: float = 1.0    # speed perturbation of the utterance (Recipe.draw_speed)
     room: tuple[float, float] = (0.0, 0.0)   # the speaker's room (Recipe.draw_room)
+    tts: str = ""         # a neural bank clip to record instead of espeak-ng (Recipe.draw_tts)
 
 
-def train_jobs(speakers: list[Speaker], seed: int, recipe: Recipe = Recipe()) -> list[list[Job]]:
+def train_jobs(speakers: list[Speaker], seed: int, recipe: Recipe = Recipe(),
+               bank: Path | None = None) -> list[list[Job]]:
     """All clips of the main dataset, in shards of ``SHARD_SPEAKERS`` consecutive speakers."""
+    if recipe.tts_share and bank is None:
+        raise InputError("bank=None, but the recipe gives speakers neural voices: pass the folder "
+                         "neural_voice.ensure_bank(recipe.tts_voices, seed) returns.")
     shards: list[list[Job]] = []
     for sp in speakers:
         if sp.index % SHARD_SPEAKERS == 0:
             shards.append([])
         room = recipe.draw_room(seed, sp.index)
+        voice = recipe.draw_tts(seed, sp.index, sp.split)
         for w, word in enumerate(config.ALL_WORDS):
             repeats = (config.SYNTH_KEYWORD_REPEATS if word in config.KEYWORDS
                        else recipe.aux_repeats)
             for n in range(repeats):
+                tts = str(neural_voice.clip_path(bank, voice, word)) if voice >= 0 else ""
                 shards[-1].append(Job(f"{word}/{sp.sid}_nohash_{n}.wav", word, sp.index,
                                       (seed, STREAM_CLIP, sp.index, w, n),
-                                      recipe.draw_speed(seed, STREAM_SPEED, sp.index, w, n), room))
+                                      recipe.draw_speed(seed, STREAM_SPEED, sp.index, w, n), room, tts))
     return shards
 
 
@@ -579,6 +605,8 @@ def render_job(espeak: Espeak, job: Job, speakers: list[Speaker]) -> np.ndarray:
         start = int(rng.integers(0, wave.size - config.CLIP_SAMPLES))
         cut = wave[start:start + config.CLIP_SAMPLES]
         return _at_level(cut / max(cut.std(), 1e-6), rng.uniform(-65, -25))
+    if job.tts:
+        return record(neural_voice.bank_clip(job.tts), speakers[job.speaker], rng, job.speed, job.room)
     return render_word(espeak, job.word, speakers[job.speaker], rng, job.speed, job.room)
 
 
@@ -688,6 +716,9 @@ def train_params(speakers: int, seed: int, recipe: Recipe = Recipe()) -> dict:
               "speed_max": recipe.speed_max, "shard_speakers": SHARD_SPEAKERS}
     if recipe.reverb_share:   # absent when 0, so folders made before reverberation stay valid
         params["reverb_share"] = recipe.reverb_share
+    if recipe.tts_share:      # likewise for the neural voices
+        params.update(tts_share=recipe.tts_share, tts_voices=recipe.tts_voices,
+                      tts_bank=neural_voice.bank_params(recipe.tts_voices, seed))
     if real_noise_dir() is not None:   # a folder made with generated noise is then regenerated
         params["noise"] = "real: " + ", ".join(noise_names())
     return params
@@ -699,13 +730,20 @@ def test_params(speakers: int, per_class: int, seed: int, recipe: Recipe = Recip
 
 
 def generate_dataset(target: Path, speakers: int, seed: int = config.SEED,
-                     workers: int = WORKERS, recipe: Recipe = Recipe()) -> Path:
-    """Write a Speech Commands v2 style folder of synthetic speech to ``target``."""
+                     workers: int = WORKERS, recipe: Recipe = Recipe(),
+                     bank_root: Path | None = None) -> Path:
+    """Write a Speech Commands v2 style folder of synthetic speech to ``target``.
+
+    With ``recipe.tts_share`` > 0 the neural voice bank is rendered first (or reused) under
+    ``bank_root`` (default: the data root).
+    """
     target = Path(target)
     _check_positive("speakers", speakers)
     _check_recipe(recipe)
+    bank = (neural_voice.ensure_bank(recipe.tts_voices, seed, workers, bank_root)
+            if recipe.tts_share else None)
     with files.folder_lock(target):
-        return _generate_dataset(target, speakers, seed, workers, recipe)
+        return _generate_dataset(target, speakers, seed, workers, recipe, bank)
 
 
 def _check_positive(name: str, value: object) -> None:
@@ -726,16 +764,23 @@ def _check_recipe(recipe: object) -> None:
     if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0.0 <= share <= 1.0:
         raise InputError(f"recipe.reverb_share={recipe.reverb_share!r}: give the share of speakers "
                          "recorded in a reverberant room, a number in [0, 1] (0 for none).")
+    share = recipe.tts_share
+    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0.0 <= share <= 1.0:
+        raise InputError(f"recipe.tts_share={recipe.tts_share!r}: give the share of training speakers "
+                         "voiced by the neural TTS bank, a number in [0, 1] (0 for espeak-ng only).")
+    _check_positive("recipe.tts_voices", recipe.tts_voices)
 
 
-def _generate_dataset(target: Path, speakers: int, seed: int, workers: int, recipe: Recipe) -> Path:
+def _generate_dataset(target: Path, speakers: int, seed: int, workers: int, recipe: Recipe,
+                      bank: Path | None) -> Path:
     """generate_dataset() while holding the target's lock file."""
     check_replaceable(target)
     partial = fresh_partial(target)
     try:
         people = make_speakers(speakers, seed)
         write_background_noise(partial / config.BACKGROUND_NOISE_DIR, seed)
-        _run_shards(partial, train_jobs(people, seed, recipe), people, workers, "synthetic speech")
+        _run_shards(partial, train_jobs(people, seed, recipe, bank), people, workers,
+                    "synthetic speech")
         _write_lists(partial, people)
         (partial / "speakers.json").write_text(json.dumps([asdict(sp) for sp in people], indent=0))
         finish_folder(partial, target, train_params(speakers, seed, recipe))
@@ -774,7 +819,7 @@ def _generate_test_set(target: Path, speakers: int, per_class: int, seed: int, w
 
 def ensure_synthetic(train_dir: Path, test_dir: Path, speakers: int, per_class: int,
                      seed: int = config.SEED, workers: int = WORKERS,
-                     recipe: Recipe = Recipe()) -> tuple[Path, Path]:
+                     recipe: Recipe = Recipe(), bank_root: Path | None = None) -> tuple[Path, Path]:
     """Generate whichever of the two folders is missing, incomplete or made with other settings."""
     train_dir, test_dir = Path(train_dir), Path(test_dir)
     for folder in (train_dir, test_dir):
@@ -782,7 +827,7 @@ def ensure_synthetic(train_dir: Path, test_dir: Path, speakers: int, per_class: 
     if not is_complete(train_dir, train_params(speakers, seed, recipe)):
         if train_dir.exists():
             print(f"{train_dir} is incomplete or was made with other settings: regenerating.")
-        generate_dataset(train_dir, speakers, seed, workers, recipe)
+        generate_dataset(train_dir, speakers, seed, workers, recipe, bank_root)
     if not is_complete(test_dir, test_params(speakers, per_class, seed, recipe)):
         if test_dir.exists():
             print(f"{test_dir} is incomplete or was made with other settings: regenerating.")

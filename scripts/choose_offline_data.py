@@ -11,9 +11,11 @@ config.SYNTH_SPEED_RANGE) is the candidate with the best mean pool keyword accur
 
 Writes output/offline_data_choice.json; notebook 03 prints it.
 
-    python scripts/choose_offline_data.py --levers # about 16 min: levers not adopted yet
+    python scripts/choose_offline_data.py --levers # about 26 min: levers not adopted yet
+    python scripts/choose_offline_data.py --levers --reuse   # only the levers not yet scored
 
-scores the course's recipe beside new levers (room reverberation, ``Recipe.reverb_share``) the
+scores the course's recipe beside new levers (room reverberation, ``Recipe.reverb_share``; neural TTS
+voices, ``Recipe.tts_share``, whose banks are kept in the course's data root) the
 same way and writes output/offline_data_levers.json instead; the course's recipe is unchanged
 until a lever is adopted (config.py) and the course re-run on it.
 """
@@ -34,11 +36,13 @@ CANDIDATES = {
     "1 take of other words": (1, 1.0, 1.0),
     "1 take of other words + speed 0.85-1.15": (1, 0.85, 1.15),
 }
-RECIPE_FIELDS = ("aux_repeats", "speed_min", "speed_max", "reverb_share")
+RECIPE_FIELDS = ("aux_repeats", "speed_min", "speed_max", "reverb_share", "tts_share")
 LEVERS = {
-    "the course's recipe (1 take + speed 0.85-1.15)": (1, 0.85, 1.15, 0.0),
-    "+ reverberant rooms for half the speakers": (1, 0.85, 1.15, 0.5),
-    "+ reverberant rooms for every speaker": (1, 0.85, 1.15, 1.0),
+    "the course's recipe (1 take + speed 0.85-1.15)": (1, 0.85, 1.15, 0.0, 0.0),
+    "+ neural TTS voices for a quarter of the training speakers": (1, 0.85, 1.15, 0.0, 0.25),
+    "+ neural TTS voices for half the training speakers": (1, 0.85, 1.15, 0.0, 0.5),
+    "+ neural TTS voices for 15 % of the training speakers": (1, 0.85, 1.15, 0.0, 0.15),
+    "+ neural TTS voices for a quarter + reverberant rooms for half the speakers": (1, 0.85, 1.15, 0.5, 0.25),
 }
 # Seeds of the dataset and of the model's initial weights: one run moves by several points.
 SEEDS = (0, 1)
@@ -50,7 +54,8 @@ def results_path(levers: bool = False) -> Path:
     return config.output_dir() / ("offline_data_levers.json" if levers else "offline_data_choice.json")
 
 
-def score(root: Path, name: str, recipe: "synthetic.Recipe", seed: int, pool: tuple) -> dict:
+def score(root: Path, name: str, recipe: "synthetic.Recipe", seed: int, pool: tuple,
+          bank_root: Path) -> dict:
     """Generate, train and score one candidate with one seed on the pool; its figures."""
     import torch
 
@@ -60,7 +65,8 @@ def score(root: Path, name: str, recipe: "synthetic.Recipe", seed: int, pool: tu
     prof = config.profile()
     start = time.perf_counter()
     train, test = synthetic.ensure_synthetic(root / "train", root / "test", prof.synth_speakers,
-                                             prof.synth_test_per_class, seed, recipe=recipe)
+                                             prof.synth_test_per_class, seed, recipe=recipe,
+                                             bank_root=bank_root)
     generate_s = time.perf_counter() - start
     feats = training.prepare_features(data.DatasetInfo("synthetic", train, test, name))
     net = DSCNN()
@@ -70,15 +76,29 @@ def score(root: Path, name: str, recipe: "synthetic.Recipe", seed: int, pool: tu
     with torch.no_grad():
         pred = net.eval()(x).argmax(1)
     keyword = y < len(config.KEYWORDS)
-    return {"seed": seed, "generate_s": round(generate_s, 1), "training_clips": len(feats.train_y),
+    return {"seed": seed, "date": time.strftime("%Y-%m-%d", time.gmtime()),
+            "generate_s": round(generate_s, 1), "training_clips": len(feats.train_y),
             "synthetic_validation": round(training.evaluate(net, feats.val_x, feats.val_y).accuracy, 4),
             "pool_keywords": round(float((pred[keyword] == y[keyword]).float().mean()), 4),
             "pool_keywords_called_unknown": round(float((pred[keyword] == config.UNKNOWN_INDEX).float().mean()), 4),
             "pool_other_words": round(float((pred[~keyword] == y[~keyword]).float().mean()), 4)}
 
 
-def main(levers: bool = False) -> None:
+def earlier_runs(path: Path, name: str, recipe: dict) -> list[dict] | None:
+    """A candidate's runs from an earlier results file, if it scored the same recipe on every seed."""
+    try:
+        earlier = json.loads(path.read_text())["candidates"][name]
+    except (OSError, ValueError, KeyError):
+        return None
+    if earlier["recipe"] != recipe or [r["seed"] for r in earlier["runs"]] != list(SEEDS):
+        return None
+    return earlier["runs"]
+
+
+def main(levers: bool = False, reuse: bool = False) -> None:
     """Score every candidate (or lever) in a temporary data folder and save the table atomically."""
+    # The neural voice banks are kept in the course's data root: rendered once, reused by every run.
+    bank_root = Path(os.environ.get("KWS_DATA_ROOT") or REPO / "data")
     with tempfile.TemporaryDirectory(prefix="kws_choose_") as tmp:
         # Set before the course is imported: datasets and feature caches go to the temp folder.
         os.environ.update(KWS_DATA_ROOT=tmp, KWS_PROFILE="workshop", KWS_DATASET="synthetic",
@@ -97,13 +117,22 @@ def main(levers: bool = False) -> None:
                             "test set",
                "candidates": {}}
         for i, (name, values) in enumerate((LEVERS if levers else CANDIDATES).items()):
-            recipe = synthetic.Recipe(*values)
+            recipe = synthetic.Recipe(*values, tts_voices=config.profile().tts_voices)
+            fields = dict(zip(RECIPE_FIELDS, values))
+            if recipe.tts_share:
+                fields["tts_voices"] = recipe.tts_voices
+            runs = earlier_runs(results_path(levers), name, fields) if reuse else None
+            if runs is not None:
+                print(name, "reused from the earlier results file", flush=True)
+                out["candidates"][name] = {"recipe": fields, "runs": runs}
+                continue
             runs = []
             for seed in SEEDS:
-                runs.append(score(Path(tmp) / f"candidate{i}_seed{seed}", name, recipe, seed, pool))
+                runs.append(score(Path(tmp) / f"candidate{i}_seed{seed}", name, recipe, seed, pool,
+                                  bank_root))
                 print(name, json.dumps(runs[-1]), flush=True)
             # Only the fields a candidate sets: notebook 03 compares the choice's with the course's.
-            out["candidates"][name] = {"recipe": dict(zip(RECIPE_FIELDS, values)), "runs": runs}
+            out["candidates"][name] = {"recipe": fields, "runs": runs}
         files.write_text(results_path(levers), json.dumps(out, indent=1))
         print(f"wrote {results_path(levers)}")
 
@@ -112,4 +141,8 @@ if __name__ == "__main__":   # the dataset generator starts worker processes
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--levers", action="store_true",
                         help="score levers not adopted yet (output/offline_data_levers.json)")
-    main(levers=parser.parse_args().levers)
+    parser.add_argument("--reuse", action="store_true",
+                        help="keep the runs of candidates already in the results file with the same "
+                             "recipe and seeds (each run records its date)")
+    args = parser.parse_args()
+    main(levers=args.levers, reuse=args.reuse)

