@@ -740,6 +740,7 @@ def generate_dataset(target: Path, speakers: int, seed: int = config.SEED,
     target = Path(target)
     _check_positive("speakers", speakers)
     _check_recipe(recipe)
+    check_replaceable(target)   # before minutes of neural voices, not after
     bank = (neural_voice.ensure_bank(recipe.tts_voices, seed, workers, bank_root)
             if recipe.tts_share else None)
     with files.folder_lock(target):

@@ -11,7 +11,7 @@ config.SYNTH_SPEED_RANGE) is the candidate with the best mean pool keyword accur
 
 Writes output/offline_data_choice.json; notebook 03 prints it.
 
-    python scripts/choose_offline_data.py --levers # about 26 min: levers not adopted yet
+    python scripts/choose_offline_data.py --levers # about 30 min: levers not adopted yet
     python scripts/choose_offline_data.py --levers --reuse   # only the levers not yet scored
 
 scores the course's recipe beside new levers (room reverberation, ``Recipe.reverb_share``; neural TTS
@@ -43,6 +43,7 @@ LEVERS = {
     "+ neural TTS voices for half the training speakers": (1, 0.85, 1.15, 0.0, 0.5),
     "+ neural TTS voices for 15 % of the training speakers": (1, 0.85, 1.15, 0.0, 0.15),
     "+ neural TTS voices for a quarter + reverberant rooms for half the speakers": (1, 0.85, 1.15, 0.5, 0.25),
+    "+ neural TTS voices for a quarter + reverberant rooms for every speaker": (1, 0.85, 1.15, 1.0, 0.25),
 }
 # Seeds of the dataset and of the model's initial weights: one run moves by several points.
 SEEDS = (0, 1)

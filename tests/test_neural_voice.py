@@ -111,6 +111,16 @@ def test_neural_jobs_without_a_bank_are_refused_by_name() -> None:
         synthetic.train_jobs(synthetic.make_speakers(10, 0), 0, synthetic.Recipe(tts_share=0.5))
 
 
+def test_a_foreign_target_is_refused_before_the_bank_is_rendered(tmp_path: Path) -> None:
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("not a dataset")
+    with pytest.raises(FileExistsError, match="mine"):
+        synthetic.generate_dataset(mine, 3, workers=1, recipe=synthetic.Recipe(tts_share=0.5, tts_voices=2),
+                                   bank_root=tmp_path / "banks")
+    assert not (tmp_path / "banks").exists() and (mine / "notes.txt").read_text() == "not a dataset"
+
+
 def test_marker_names_the_neural_bank() -> None:
     plain = synthetic.train_params(10, 0, synthetic.Recipe(tts_share=0.0))
     neural = synthetic.train_params(10, 0, synthetic.Recipe(tts_share=0.25, tts_voices=3))
