@@ -102,10 +102,11 @@ def speak(ipa: str, style: np.ndarray, speed: float) -> np.ndarray:
     audio = session.run(None, {"tokens": np.array([[0, *tokens, 0]], dtype=np.int64),
                                "style": style[len(tokens) - 1][None],
                                "speed": np.array([speed], dtype=np.float32)})[0]
+    from kws_utils import synthetic   # here: synthetic imports this module
+
     wave = torchaudio.functional.resample(torch.from_numpy(np.ravel(audio).astype(np.float32)),
                                           TTS_RATE, config.SAMPLE_RATE).numpy()
-    loud = np.flatnonzero(np.abs(wave) > 0.01 * np.abs(wave).max())
-    return wave[loud[0]:loud[-1] + 1] if loud.size else wave
+    return synthetic.trim(wave)
 
 
 def _render_voice(args: tuple[str, int, int]) -> int:

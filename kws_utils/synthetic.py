@@ -330,8 +330,8 @@ def _mic_filter(lowpass_hz: float, highpass_hz: float) -> np.ndarray | None:
     return np.concatenate(sections) if sections else None
 
 
-def _trim(wave: np.ndarray, rel_threshold: float = 0.01) -> np.ndarray:
-    """Drop the leading and trailing near-silence espeak adds around a word."""
+def trim(wave: np.ndarray, rel_threshold: float = 0.01) -> np.ndarray:
+    """Drop the leading and trailing near-silence a synthesiser adds around a word."""
     loud = np.nonzero(np.abs(wave) > rel_threshold * np.abs(wave).max())[0]
     return wave[loud[0]:loud[-1] + 1] if loud.size else wave
 
@@ -402,7 +402,7 @@ def render_word(espeak: Espeak, word: str, speaker: Speaker,
     pitch = int(np.clip(speaker.pitch + rng.integers(-5, 6), 0, 100))
     raw = espeak.speak(text, speaker.voice, rate, pitch, speaker.pitch_range,
                        int(rng.integers(0, 2**31)))
-    return record(_trim(_to_16k(raw.astype(np.float64) / 32768, espeak.sample_rate)), speaker, rng,
+    return record(trim(_to_16k(raw.astype(np.float64) / 32768, espeak.sample_rate)), speaker, rng,
                   speed, room)
 
 
