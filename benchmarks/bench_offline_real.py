@@ -9,6 +9,8 @@ KWS_TEST_DIR) for the score; without it, it reports the times only.
     KWS_PROFILE=default python benchmarks/bench_offline_real.py      # about 25 min on 2 cores
     KWS_PROFILE=default python benchmarks/bench_offline_real.py --tts-share 0.25 --reverb-share 0.5
                                             # levers not adopted yet (config.py), about 35 min
+    ... --tts-share 0.25 --reverb-share 0.5 --tts-voices 50 --tts-other-words 4
+                                            # 50 voices, each saying the keywords + 4 other words
 
 The neural voice bank (``--tts-share`` > 0) is rendered afresh too: its time counts in the budget.
 """
@@ -25,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from timing import timed  # noqa: E402
 
 
-def run(tts_share: float | None = None, reverb_share: float | None = None) -> dict:
+def run(tts_share: float | None = None, reverb_share: float | None = None,
+        tts_voices: int | None = None, tts_other_words: int | None = None) -> dict:
     """Generate, featurize, train and score in a fresh data root; return the figures."""
     with tempfile.TemporaryDirectory(prefix="kws_offline_") as tmp:
         # Set before the course is imported: every path of the run then lies in the temp folder.
@@ -37,7 +40,10 @@ def run(tts_share: float | None = None, reverb_share: float | None = None) -> di
         prof = config.profile()
         share = config.SYNTH_TTS_SHARE if tts_share is None else tts_share
         reverb = config.SYNTH_REVERB_SHARE if reverb_share is None else reverb_share
-        recipe = synthetic.Recipe(reverb_share=reverb, tts_share=share, tts_voices=prof.tts_voices)
+        voices = prof.tts_voices if tts_voices is None else tts_voices
+        other = config.SYNTH_TTS_OTHER_WORDS if tts_other_words is None else tts_other_words
+        recipe = synthetic.Recipe(reverb_share=reverb, tts_share=share, tts_voices=voices,
+                                  tts_other_words=other)
         dirs, generate_s = timed(synthetic.ensure_synthetic, config.synthetic_data_dir(),
                                  config.synthetic_test_dir(), prof.synth_speakers,
                                  prof.synth_test_per_class, config.SEED, recipe=recipe)
@@ -48,7 +54,8 @@ def run(tts_share: float | None = None, reverb_share: float | None = None) -> di
                            feats.val_y, prof.epochs, prof.lr, prof.batch_size, training.set_seed())
         figures = {
             "profile": prof.name, "speakers": prof.synth_speakers, "cores": os.cpu_count(),
-            "tts_share": share, "tts_voices": prof.tts_voices if share else 0, "reverb_share": reverb,
+            "tts_share": share, "tts_voices": voices if share else 0,
+            "tts_other_words": other if share else 0, "reverb_share": reverb,
             "generate_s": round(generate_s, 1), "budget_s": 600,
             "within_budget": generate_s <= 600,
             "training_clips": len(feats.train_y), "features_s": round(features_s, 1),
@@ -73,14 +80,21 @@ if __name__ == "__main__":   # the dataset generator starts worker processes
     parser.add_argument("--reverb-share", type=float, default=None,
                         help="share of speakers recorded in a reverberant room "
                              "(default: the course's, config.SYNTH_REVERB_SHARE)")
+    parser.add_argument("--tts-voices", type=int, default=None,
+                        help="neural voices in the bank (default: the profile's tts_voices)")
+    parser.add_argument("--tts-other-words", type=int, default=None,
+                        help="of the 25 other words, how many each neural voice says "
+                             "(default: config.SYNTH_TTS_OTHER_WORDS)")
     args = parser.parse_args()
     # Where to save, read before run() points KWS_OUTPUT at its temporary folder.
     out_dir = Path(os.environ.get("KWS_OUTPUT") or Path(__file__).resolve().parent.parent / "output")
-    result = run(args.tts_share, args.reverb_share)
+    result = run(args.tts_share, args.reverb_share, args.tts_voices, args.tts_other_words)
     print(json.dumps(result, indent=1))
     from kws_utils import files
     levers = "" if args.tts_share is None and args.reverb_share is None else \
         f"_tts{result['tts_share']}_reverb{result['reverb_share']}"
+    if args.tts_voices is not None or args.tts_other_words is not None:
+        levers += f"_voices{result['tts_voices']}x{result['tts_other_words']}"
     target = out_dir / f"bench_offline_real_{result['profile']}{levers}.json"
     files.write_text(target, json.dumps(result, indent=1))
     print(f"written to {target}")

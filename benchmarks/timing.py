@@ -1,4 +1,4 @@
-"""The one timing rule every benchmark uses: best wall time of a few repeats."""
+"""The one timing rule every benchmark uses (best wall time of a few repeats), and the rule for resuming one."""
 from __future__ import annotations
 
 import time
@@ -22,3 +22,12 @@ def timed(fn: Callable[..., object], *args: object, **kwargs: object) -> tuple[o
     start = time.perf_counter()
     result = fn(*args, **kwargs)
     return result, time.perf_counter() - start
+
+
+def check_resumable(done: dict, now: dict, keys: tuple[str, ...]) -> None:
+    """Exit unless an earlier results file (``done``) was measured as this run is (``now``) on ``keys``."""
+    if {k: done.get(k) for k in keys} != {k: now.get(k) for k in keys}:
+        # Learned rounding's result moves with the thread count too (float sums in another order).
+        raise SystemExit(f"--missing: the earlier results differ in {', '.join(k for k in keys if done.get(k) != now.get(k))} "
+                         f"(they used {done.get('threads')} threads, KWS_BENCH_THREADS); set the same "
+                         "or run without --missing.")

@@ -58,6 +58,10 @@ SYNTH_REVERB_SHARE = 0.0
 # Share of the synthetic training speakers who speak with a neural TTS voice (kws_utils.neural_voice)
 # instead of espeak-ng; the bank's size is the profile's tts_voices.
 SYNTH_TTS_SHARE = 0.0
+# How many of the 25 other words each neural voice says (all: every voice says every word).
+SYNTH_TTS_OTHER_WORDS = 25
+# SpecAugment-style time masks per clip in the augmented training views (features.time_mask; 0: none).
+TIME_MASKS = 0
 
 SAMPLE_RATE = 16_000
 CLIP_SAMPLES = 16_000          # 1 s clips

@@ -490,6 +490,8 @@ def _synthetic_info(reason: str = "") -> DatasetInfo:
     voices = ("espeak-ng speech" if not recipe.tts_share else
               f"espeak-ng speech and {recipe.tts_voices} neural TTS voices (Kokoro-82M) for "
               f"{recipe.tts_share:.0%} of the training speakers")
+    if recipe.tts_share and recipe.tts_other_words < len(synthetic.AUX_WORDS):
+        voices += f" (each voice says the keywords and {recipe.tts_other_words} of the other words)"
     text = (f"SYNTHETIC stand-in for Speech Commands v2: {voices}, {prof.synth_speakers} "
             f"synthetic speakers (profile '{prof.name}', seed {config.SEED}), same folder layout "
             "and 12 MLPerf Tiny classes.")

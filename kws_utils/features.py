@@ -27,6 +27,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
+import torchaudio
 
 from kws_utils import config, files, progress
 from kws_utils.errors import FileFormatError, InputError, InputTypeError
@@ -49,6 +50,8 @@ COMPUTE_DTYPE = torch.float64
 # Clips per batch in compute_features: ~100 clips of float64 frames stay in cache; thousands
 # at once are memory-bound and run 2-3x slower on CPU (see benchmarks/bench_features.py).
 BATCH_SIZE = 128
+# SpecAugment-style time masks of the training views (time_mask): widest span, in 20 ms frames.
+TIME_MASK_FRAMES = 10
 
 Array = np.ndarray | torch.Tensor
 
@@ -290,6 +293,28 @@ def augmented_mfcc(waves: Array, noise_bank: Sequence[Array], generator: torch.G
     x = time_shift(normalize(x), generator, max_shift_samples)
     feats = mfcc_from_normalized(mix_background(x, noise_bank, generator), dtype)
     return feats[0] if single else feats
+
+
+def time_mask(feats: torch.Tensor, generator: torch.Generator, masks: int,
+              max_frames: int = TIME_MASK_FRAMES) -> torch.Tensor:
+    """SpecAugment-style time masking: ``masks`` spans of up to ``max_frames`` frames per clip.
+
+    A masked frame becomes the clip's mean frame (MFCCs have no natural zero). torchaudio draws
+    the spans from the global RNG, so it is seeded from ``generator`` inside a forked RNG state.
+    """
+    if isinstance(masks, bool) or not isinstance(masks, int) or masks < 0:
+        raise InputError(f"masks={masks!r}: give a whole number of time masks per clip >= 0 (0 for none).")
+    if feats.ndim != 4:
+        raise InputError(f"feats has shape {tuple(feats.shape)}: give features as (N, 1, frames, coefficients).")
+    if masks == 0:
+        return feats
+    mean = feats.mean(dim=2, keepdim=True)
+    centred = feats - mean
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
+        for _ in range(masks):
+            centred = torchaudio.functional.mask_along_axis_iid(centred, max_frames, 0.0, axis=2)
+    return centred + mean
 
 
 # ----------------------------------------------------------------------------- datasets

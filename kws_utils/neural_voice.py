@@ -27,7 +27,8 @@ from kws_utils.errors import InputError
 
 BANK_VERSION = 1           # bump when the bank's audio changes, so old banks are re-rendered
 TTS_RATE = 24_000          # Kokoro's output sample rate
-STREAM_VOICE, STREAM_TAKE = 0, 1
+STREAM_VOICE, STREAM_TAKE, STREAM_WORDS = 0, 1, 2
+OTHER_WORDS = 25           # every voice speaks all 25 other words unless a recipe asks for fewer
 # Pronunciations in Kokoro's (misaki's) IPA: A, I, O, W are the diphthongs of "eight", "five",
 # "go", "down"; Q is the British "go". Where the two accents agree, one spelling serves both.
 US = {"backward": "bˈækwɚd", "bed": "bˈɛd", "bird": "bˈɜɹd", "cat": "kˈæt", "dog": "dˈɔɡ",
@@ -109,30 +110,46 @@ def speak(ipa: str, style: np.ndarray, speed: float) -> np.ndarray:
     return synthetic.trim(wave)
 
 
-def _render_voice(args: tuple[str, int, int]) -> int:
-    """Write every word of one bank voice (one worker process, one ONNX thread)."""
-    root, seed, voice = args
+def voice_words(seed: int, voice: int, other_words: int = OTHER_WORDS) -> tuple[str, ...]:
+    """The words one bank voice speaks: the 10 keywords and ``other_words`` of the 25 other words."""
+    others = [w for w in config.ALL_WORDS if w not in config.KEYWORDS]
+    if other_words < len(others):
+        # A seeded subset per voice: more voices for the same rendering time, every word still covered.
+        rng = np.random.default_rng([seed, STREAM_WORDS, voice])
+        others = sorted(rng.choice(others, other_words, replace=False).tolist())
+    return tuple(w for w in config.ALL_WORDS if w in config.KEYWORDS or w in others)
+
+
+def _render_voice(args: tuple[str, int, int, int]) -> int:
+    """Write the words of one bank voice (one worker process, one ONNX thread)."""
+    root, seed, voice, other_words = args
     torch.set_num_threads(1)
     style, info = voice_style(seed, voice)
-    words = GB if info["accent"] == "gb" else US
+    spelling = GB if info["accent"] == "gb" else US
     folder = clip_path(Path(root), voice, "").parent
     folder.mkdir()
-    for w, word in enumerate(config.ALL_WORDS):
+    words = voice_words(seed, voice, other_words)
+    for word in words:
+        w = config.ALL_WORDS.index(word)    # the word's own stream, whichever subset it is in
         speed = np.random.default_rng([seed, STREAM_TAKE, voice, w]).uniform(*SPEED_RANGE)
-        sf.write(folder / f"{word}.wav", speak(words[word], style, float(speed)),
+        sf.write(folder / f"{word}.wav", speak(spelling[word], style, float(speed)),
                  config.SAMPLE_RATE, subtype="FLOAT")
     (folder / "voice.json").write_text(json.dumps(info))
-    return len(config.ALL_WORDS)
+    return len(words)
 
 
-def bank_params(voices: int, seed: int) -> dict:
+def bank_params(voices: int, seed: int, other_words: int = OTHER_WORDS) -> dict:
     """What identifies a rendered bank (stored in, and checked against, its marker)."""
-    return {"kind": "kokoro-bank", "bank_version": BANK_VERSION, "voices": voices, "seed": seed}
+    params = {"kind": "kokoro-bank", "bank_version": BANK_VERSION, "voices": voices, "seed": seed}
+    if other_words != OTHER_WORDS:    # absent for full banks, so banks made before stay valid
+        params["other_words"] = other_words
+    return params
 
 
-def bank_dir(voices: int, seed: int, root: Path | None = None) -> Path:
+def bank_dir(voices: int, seed: int, root: Path | None = None, other_words: int = OTHER_WORDS) -> Path:
     """Where the bank of ``voices`` voices for ``seed`` lives (under ``root``, default the data root)."""
-    return Path(root or config.data_root()) / f"kokoro_bank_{voices}_{seed}"
+    suffix = "" if other_words == OTHER_WORDS else f"_other{other_words}"
+    return Path(root or config.data_root()) / f"kokoro_bank_{voices}_{seed}{suffix}"
 
 
 def clip_path(bank: Path, voice: int, word: str) -> Path:
@@ -140,29 +157,34 @@ def clip_path(bank: Path, voice: int, word: str) -> Path:
     return Path(bank) / f"voice{voice:03d}" / f"{word}.wav"
 
 
-def ensure_bank(voices: int, seed: int, workers: int = 2, root: Path | None = None) -> Path:
-    """The rendered bank folder: reused when complete, else rendered (about 0.2 s per word)."""
+def ensure_bank(voices: int, seed: int, workers: int = 2, root: Path | None = None,
+                other_words: int = OTHER_WORDS) -> Path:
+    """The rendered bank folder: reused when complete, else rendered (about 1 s per word on one core)."""
     from kws_utils import files, synthetic
 
     if isinstance(voices, bool) or not isinstance(voices, int) or voices < 1:
         raise InputError(f"voices={voices!r}: give a whole number >= 1 of neural voices.")
+    if isinstance(other_words, bool) or not isinstance(other_words, int) or not 1 <= other_words <= OTHER_WORDS:
+        raise InputError(f"other_words={other_words!r}: give how many of the {OTHER_WORDS} other words "
+                         f"each voice speaks, a whole number from 1 to {OTHER_WORDS}.")
     _require()
-    target = bank_dir(voices, seed, root)
+    target = bank_dir(voices, seed, root, other_words)
+    params = bank_params(voices, seed, other_words)
     files.wait_unlocked(target)
-    if synthetic.is_complete(target, bank_params(voices, seed)):
+    if synthetic.is_complete(target, params):
         return target
     with files.folder_lock(target):
         synthetic.check_replaceable(target)
         partial = synthetic.fresh_partial(target)
         try:
-            tasks = [(str(partial), seed, v) for v in range(voices)]
-            with progress.bar(total=voices * len(config.ALL_WORDS), desc="neural voices",
+            tasks = [(str(partial), seed, v, other_words) for v in range(voices)]
+            with progress.bar(total=voices * (len(config.KEYWORDS) + other_words), desc="neural voices",
                               unit="clip") as bar:
                 # spawn, not fork: the parent may hold torch/OpenMP threads that fork does not survive.
                 with mp.get_context("spawn").Pool(processes=max(1, min(workers, voices))) as pool:
                     for done in pool.imap_unordered(_render_voice, tasks):
                         bar.update(done)
-            synthetic.finish_folder(partial, target, bank_params(voices, seed))
+            synthetic.finish_folder(partial, target, params)
         finally:
             shutil.rmtree(partial, ignore_errors=True)
     return target

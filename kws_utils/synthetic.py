@@ -73,6 +73,7 @@ class Recipe:
     reverb_share: float = config.SYNTH_REVERB_SHARE   # speakers recorded in a reverberant room
     tts_share: float = config.SYNTH_TTS_SHARE   # training speakers voiced by the neural bank
     tts_voices: int = config.PROFILES["default"].tts_voices   # neural bank size (data.py: the profile's)
+    tts_other_words: int = config.SYNTH_TTS_OTHER_WORDS   # of the 25 other words, how many each voice says
 
     def draw_room(self, seed: int, speaker: int) -> tuple[float, float]:
         """A speaker's room as (RT60 in s, direct-to-reverberant ratio in dB); (0, 0) is dry."""
@@ -553,9 +554,16 @@ def train_jobs(speakers: list[Speaker], seed: int, recipe: Recipe = Recipe(),
             shards.append([])
         room = recipe.draw_room(seed, sp.index)
         voice = recipe.draw_tts(seed, sp.index, sp.split)
+        says = (neural_voice.voice_words(seed, voice, recipe.tts_other_words) if voice >= 0
+                else config.ALL_WORDS)
+        # A voice with fewer other words says each more often: as many "unknown" takes as espeak's
+        # speakers, so the kind of voice does not tell keyword from other word.
+        others = sum(w not in config.KEYWORDS for w in says)
+        aux_repeats = -(-recipe.aux_repeats * len(AUX_WORDS) // others)
         for w, word in enumerate(config.ALL_WORDS):
-            repeats = (config.SYNTH_KEYWORD_REPEATS if word in config.KEYWORDS
-                       else recipe.aux_repeats)
+            if word not in says:
+                continue
+            repeats = config.SYNTH_KEYWORD_REPEATS if word in config.KEYWORDS else aux_repeats
             for n in range(repeats):
                 tts = str(neural_voice.clip_path(bank, voice, word)) if voice >= 0 else ""
                 shards[-1].append(Job(f"{word}/{sp.sid}_nohash_{n}.wav", word, sp.index,
@@ -718,7 +726,7 @@ def train_params(speakers: int, seed: int, recipe: Recipe = Recipe()) -> dict:
         params["reverb_share"] = recipe.reverb_share
     if recipe.tts_share:      # likewise for the neural voices
         params.update(tts_share=recipe.tts_share, tts_voices=recipe.tts_voices,
-                      tts_bank=neural_voice.bank_params(recipe.tts_voices, seed))
+                      tts_bank=neural_voice.bank_params(recipe.tts_voices, seed, recipe.tts_other_words))
     if real_noise_dir() is not None:   # a folder made with generated noise is then regenerated
         params["noise"] = "real: " + ", ".join(noise_names())
     return params
@@ -741,7 +749,7 @@ def generate_dataset(target: Path, speakers: int, seed: int = config.SEED,
     _check_positive("speakers", speakers)
     _check_recipe(recipe)
     check_replaceable(target)   # before minutes of neural voices, not after
-    bank = (neural_voice.ensure_bank(recipe.tts_voices, seed, workers, bank_root)
+    bank = (neural_voice.ensure_bank(recipe.tts_voices, seed, workers, bank_root, recipe.tts_other_words)
             if recipe.tts_share else None)
     with files.folder_lock(target):
         return _generate_dataset(target, speakers, seed, workers, recipe, bank)
@@ -770,6 +778,10 @@ def _check_recipe(recipe: object) -> None:
         raise InputError(f"recipe.tts_share={recipe.tts_share!r}: give the share of training speakers "
                          "voiced by the neural TTS bank, a number in [0, 1] (0 for espeak-ng only).")
     _check_positive("recipe.tts_voices", recipe.tts_voices)
+    _check_positive("recipe.tts_other_words", recipe.tts_other_words)
+    if recipe.tts_other_words > len(AUX_WORDS):
+        raise InputError(f"recipe.tts_other_words={recipe.tts_other_words!r}: a voice can say at most "
+                         f"the {len(AUX_WORDS)} other words.")
 
 
 def _generate_dataset(target: Path, speakers: int, seed: int, workers: int, recipe: Recipe,

@@ -336,9 +336,12 @@ class FeatureSets:
 FEATURE_VERSION = 2  # bump when the feature code changes in a way the settings below do not show
 
 
-def feature_settings(info: "data.DatasetInfo", splits: dict[str, list]) -> dict[str, object]:
+def feature_settings(info: "data.DatasetInfo", splits: dict[str, list],
+                     time_masks: int = 0) -> dict[str, object]:
     """Every setting that changes the cached features: dataset, splits, MFCC and augmentation."""
-    return {
+    # Time masks only when used, so caches made before the option keep their names.
+    masks = {"time_masks": time_masks, "time_mask_frames": features.TIME_MASK_FRAMES} if time_masks else {}
+    return {**masks,
         "dataset": info.kind, "train_dir": str(info.train_dir), "test_dir": str(info.test_dir),
         "split_sizes": [len(splits[s]) for s in ("train", "validation", "test")],
         "seed": config.SEED, "version": FEATURE_VERSION,
@@ -364,21 +367,23 @@ def clips_fingerprint(splits: dict[str, list]) -> str:
     return digest.hexdigest()
 
 
-def feature_cache_dir(info: "data.DatasetInfo", splits: dict[str, list]) -> Path:
+def feature_cache_dir(info: "data.DatasetInfo", splits: dict[str, list], time_masks: int = 0) -> Path:
     """A cache folder named after the dataset and a hash of every feature setting."""
-    settings = json.dumps(feature_settings(info, splits), sort_keys=True)
+    settings = json.dumps(feature_settings(info, splits, time_masks), sort_keys=True)
     digest = hashlib.sha256(settings.encode()).hexdigest()[:12]
     return config.data_root() / "feature_cache" / f"{info.kind}_{Path(info.train_dir).name}_{digest}"
 
 
-def prepare_features(info: "data.DatasetInfo", views: int | None = None) -> FeatureSets:
+def prepare_features(info: "data.DatasetInfo", views: int | None = None,
+                     time_masks: int | None = None) -> FeatureSets:
     """Compute (once) and load the features of all splits; training views are augmented."""
     views = views or config.profile().aug_views
+    time_masks = config.TIME_MASKS if time_masks is None else time_masks
     splits = data.splits(info)
-    folder = feature_cache_dir(info, splits)
+    folder = feature_cache_dir(info, splits, time_masks)
     if not (folder / "settings.json").is_file():   # says what the hash stands for
         files.write_text(folder / "settings.json",
-                         json.dumps(feature_settings(info, splits), indent=1, sort_keys=True))
+                         json.dumps(feature_settings(info, splits, time_masks), indent=1, sort_keys=True))
     labels = {s: torch.tensor([c.label for c in clips]) for s, clips in splits.items()}
 
     def clean(split: str) -> torch.Tensor:
@@ -393,8 +398,9 @@ def prepare_features(info: "data.DatasetInfo", views: int | None = None) -> Feat
         if not train_waves:
             train_waves.append(data.load_clips(splits["train"], desc="load train"))
         generator = torch.Generator().manual_seed(config.SEED * 1000 + view)
-        return features.compute_features(train_waves[0], augment=(data.noise_bank(info), generator),
+        feats = features.compute_features(train_waves[0], augment=(data.noise_bank(info), generator),
                                           desc=f"MFCC train view {view + 1}/{views}")
+        return features.time_mask(feats, generator, time_masks)
 
     test_x = features.cached(folder / "test.pt", lambda: clean("test"),
                              (len(labels["test"]), *config.INPUT_SHAPE))

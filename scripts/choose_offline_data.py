@@ -11,11 +11,13 @@ config.SYNTH_SPEED_RANGE) is the candidate with the best mean pool keyword accur
 
 Writes output/offline_data_choice.json; notebook 03 prints it.
 
-    python scripts/choose_offline_data.py --levers # about 30 min: levers not adopted yet
-    python scripts/choose_offline_data.py --levers --reuse   # only the levers not yet scored
+    python scripts/choose_offline_data.py --levers # about 80 min: levers not adopted yet
+    python scripts/choose_offline_data.py --levers --reuse   # only the levers not yet scored (a new
+                                                    # neural bank takes about 6 min per seed)
 
 scores the course's recipe beside new levers (room reverberation, ``Recipe.reverb_share``; neural TTS
-voices, ``Recipe.tts_share``, whose banks are kept in the course's data root) the
+voices, ``Recipe.tts_share`` / ``tts_voices`` / ``tts_other_words``, whose banks are kept in the course's
+data root; SpecAugment-style time masks of the training views) the
 same way and writes output/offline_data_levers.json instead; the course's recipe is unchanged
 until a lever is adopted (config.py) and the course re-run on it.
 """
@@ -30,7 +32,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-# (takes of each other word per speaker, slowest speed, fastest speed[, share of reverberant rooms])
+# (takes of each other word per speaker, slowest speed, fastest speed[, share of reverberant rooms,
+#  share of neural voices[, other Recipe fields]])
 CANDIDATES = {
     "2 takes of other words, no speed change (before)": (2, 1.0, 1.0),
     "1 take of other words": (1, 1.0, 1.0),
@@ -44,6 +47,16 @@ LEVERS = {
     "+ neural TTS voices for 15 % of the training speakers": (1, 0.85, 1.15, 0.0, 0.15),
     "+ neural TTS voices for a quarter + reverberant rooms for half the speakers": (1, 0.85, 1.15, 0.5, 0.25),
     "+ neural TTS voices for a quarter + reverberant rooms for every speaker": (1, 0.85, 1.15, 1.0, 0.25),
+    # The same rendering time spread over more voices: each says the keywords and 4 of the other words.
+    "+ 50 neural voices (keywords + 4 other words each) for a quarter + rooms for half":
+        (1, 0.85, 1.15, 0.5, 0.25, {"tts_voices": 50, "tts_other_words": 4}),
+    "+ 50 neural voices (keywords + 4 other words each) for half + rooms for half":
+        (1, 0.85, 1.15, 0.5, 0.5, {"tts_voices": 50, "tts_other_words": 4}),
+    "+ 60 neural voices (keywords + 2 other words each) for a quarter + rooms for half":
+        (1, 0.85, 1.15, 0.5, 0.25, {"tts_voices": 60, "tts_other_words": 2}),
+    # Not a Recipe field: SpecAugment-style time masks of the training views (features.time_mask).
+    "+ 50 neural voices (keywords + 4 other words) for a quarter + rooms for half + 2 time masks":
+        (1, 0.85, 1.15, 0.5, 0.25, {"tts_voices": 50, "tts_other_words": 4, "time_masks": 2}),
 }
 # Seeds of the dataset and of the model's initial weights: one run moves by several points.
 SEEDS = (0, 1)
@@ -56,7 +69,7 @@ def results_path(levers: bool = False) -> Path:
 
 
 def score(root: Path, name: str, recipe: "synthetic.Recipe", seed: int, pool: tuple,
-          bank_root: Path) -> dict:
+          bank_root: Path, time_masks: int = 0) -> dict:
     """Generate, train and score one candidate with one seed on the pool; its figures."""
     import torch
 
@@ -69,7 +82,8 @@ def score(root: Path, name: str, recipe: "synthetic.Recipe", seed: int, pool: tu
                                              prof.synth_test_per_class, seed, recipe=recipe,
                                              bank_root=bank_root)
     generate_s = time.perf_counter() - start
-    feats = training.prepare_features(data.DatasetInfo("synthetic", train, test, name))
+    feats = training.prepare_features(data.DatasetInfo("synthetic", train, test, name),
+                                      time_masks=time_masks)
     net = DSCNN()
     training.fit(net, feats.train_views, feats.train_y, feats.val_x, feats.val_y, prof.epochs,
                  prof.lr, prof.batch_size, training.set_seed(seed))
@@ -83,6 +97,25 @@ def score(root: Path, name: str, recipe: "synthetic.Recipe", seed: int, pool: tu
             "pool_keywords": round(float((pred[keyword] == y[keyword]).float().mean()), 4),
             "pool_keywords_called_unknown": round(float((pred[keyword] == config.UNKNOWN_INDEX).float().mean()), 4),
             "pool_other_words": round(float((pred[~keyword] == y[~keyword]).float().mean()), 4)}
+
+
+def candidate(values: tuple, tts_voices: int) -> tuple["synthetic.Recipe", dict, int]:
+    """A CANDIDATES / LEVERS entry as (Recipe, the fields it sets, time masks of the training views)."""
+    from kws_utils import config, synthetic
+
+    values, extra = (values[:-1], dict(values[-1])) if isinstance(values[-1], dict) else (values, {})
+    time_masks = extra.pop("time_masks", 0)
+    recipe = synthetic.Recipe(*values, **{"tts_voices": tts_voices, **extra})
+    # Only the fields a candidate sets: notebook 03 compares the choice's with the course's, and
+    # --reuse compares them with an earlier run's.
+    fields = dict(zip(RECIPE_FIELDS, values))
+    if recipe.tts_share:
+        fields["tts_voices"] = recipe.tts_voices
+    if recipe.tts_other_words != config.SYNTH_TTS_OTHER_WORDS:
+        fields["tts_other_words"] = recipe.tts_other_words
+    if time_masks:
+        fields["time_masks"] = time_masks
+    return recipe, fields, time_masks
 
 
 def earlier_runs(path: Path, name: str, recipe: dict) -> list[dict] | None:
@@ -118,10 +151,7 @@ def main(levers: bool = False, reuse: bool = False) -> None:
                             "test set",
                "candidates": {}}
         for i, (name, values) in enumerate((LEVERS if levers else CANDIDATES).items()):
-            recipe = synthetic.Recipe(*values, tts_voices=config.profile().tts_voices)
-            fields = dict(zip(RECIPE_FIELDS, values))
-            if recipe.tts_share:
-                fields["tts_voices"] = recipe.tts_voices
+            recipe, fields, time_masks = candidate(values, config.profile().tts_voices)
             runs = earlier_runs(results_path(levers), name, fields) if reuse else None
             if runs is not None:
                 print(name, "reused from the earlier results file", flush=True)
@@ -130,9 +160,8 @@ def main(levers: bool = False, reuse: bool = False) -> None:
             runs = []
             for seed in SEEDS:
                 runs.append(score(Path(tmp) / f"candidate{i}_seed{seed}", name, recipe, seed, pool,
-                                  bank_root))
+                                  bank_root, time_masks))
                 print(name, json.dumps(runs[-1]), flush=True)
-            # Only the fields a candidate sets: notebook 03 compares the choice's with the course's.
             out["candidates"][name] = {"recipe": fields, "runs": runs}
         files.write_text(results_path(levers), json.dumps(out, indent=1))
         print(f"wrote {results_path(levers)}")

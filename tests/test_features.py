@@ -237,3 +237,23 @@ def test_cached_builds_once_and_writes_atomically(tmp_path: Path) -> None:
     with pytest.raises(Exception):
         features.cached(tmp_path / "bad.pt", broken)
     assert not any(tmp_path.glob("bad.pt*"))
+
+
+def test_time_masks_replace_spans_of_frames_by_the_clip_mean() -> None:
+    feats = torch.randn(64, 1, 49, 10, dtype=torch.float32) * 5 + 3
+    masked = features.time_mask(feats, torch.Generator().manual_seed(0), 2)
+    again = features.time_mask(feats, torch.Generator().manual_seed(0), 2)
+    assert torch.equal(masked, again) and masked.shape == feats.shape
+    mean = feats.mean(dim=2, keepdim=True)
+    is_mean = ((masked - mean).abs().amax(dim=-1) < 1e-4)[:, 0]     # (clips, frames)
+    kept = ((masked - feats).abs().amax(dim=-1) < 1e-4)[:, 0]
+    assert (is_mean | kept).all()               # every frame is either untouched or the mean frame
+    per_clip = is_mean.sum(dim=1)
+    assert per_clip.max() <= 2 * features.TIME_MASK_FRAMES and per_clip.float().mean() > 2
+    assert torch.equal(features.time_mask(feats, torch.Generator().manual_seed(0), 0), feats)
+
+
+@pytest.mark.parametrize("masks", [-1, 1.5, True])
+def test_bad_time_mask_count_is_refused_by_name(masks: object) -> None:
+    with pytest.raises(ValueError, match="masks"):
+        features.time_mask(torch.zeros(2, 1, 49, 10), torch.Generator(), masks)

@@ -129,8 +129,52 @@ def test_marker_names_the_neural_bank() -> None:
 
 
 @pytest.mark.parametrize("recipe", [synthetic.Recipe(tts_share=1.5), synthetic.Recipe(tts_share="all"),
-                                    synthetic.Recipe(tts_share=0.5, tts_voices=0)])
+                                    synthetic.Recipe(tts_share=0.5, tts_voices=0),
+                                    synthetic.Recipe(tts_share=0.5, tts_other_words=0),
+                                    synthetic.Recipe(tts_share=0.5, tts_other_words=26)])
 def test_bad_neural_recipe_is_refused_by_name(recipe: synthetic.Recipe, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="recipe.tts"):
         synthetic.generate_dataset(tmp_path / "bad", 3, workers=1, recipe=recipe)
     assert not (tmp_path / "bad").exists()
+
+
+def test_a_voice_says_every_word_unless_asked_for_fewer() -> None:
+    assert neural_voice.voice_words(0, 3) == config.ALL_WORDS
+    few = neural_voice.voice_words(0, 3, 4)
+    others = [w for w in few if w not in config.KEYWORDS]
+    assert set(config.KEYWORDS) <= set(few) and len(others) == 4 == len(set(others))
+    assert few == neural_voice.voice_words(0, 3, 4)
+    assert len({neural_voice.voice_words(0, v, 4) for v in range(10)}) > 5   # voices differ
+
+
+def test_a_bank_of_fewer_words_has_its_own_folder_and_marker(tmp_path: Path) -> None:
+    full = neural_voice.bank_params(20, 0)
+    assert "other_words" not in full      # banks rendered before the option stay valid
+    assert neural_voice.bank_params(50, 0, 4)["other_words"] == 4
+    assert neural_voice.bank_dir(20, 0, tmp_path).name == "kokoro_bank_20_0"
+    assert neural_voice.bank_dir(50, 0, tmp_path, 4).name == "kokoro_bank_50_0_other4"
+
+
+@pytest.mark.parametrize("other_words", [0, 26, 2.0])
+def test_bad_word_count_is_refused_by_name(other_words: object, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="other_words"):
+        neural_voice.ensure_bank(2, 0, root=tmp_path, other_words=other_words)
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_voice_of_few_words_says_each_of_them_more_often(tmp_path: Path) -> None:
+    recipe = synthetic.Recipe(tts_share=1.0, tts_voices=3, tts_other_words=4)
+    speakers = synthetic.make_speakers(12, 0)
+    jobs = [job for shard in synthetic.train_jobs(speakers, 0, recipe, tmp_path) for job in shard]
+    for sp in speakers:
+        mine = [job for job in jobs if job.speaker == sp.index]
+        other = [job for job in mine if job.word not in config.KEYWORDS]
+        keyword = [job for job in mine if job.word in config.KEYWORDS]
+        assert len(keyword) == len(config.KEYWORDS) * config.SYNTH_KEYWORD_REPEATS
+        if sp.split != "training":       # espeak-ng: one take of each of the 25 other words
+            assert sorted(job.word for job in other) == sorted(synthetic.AUX_WORDS)
+            continue
+        voice = int(Path(mine[0].tts).parent.name.removeprefix("voice"))
+        assert {job.word for job in other} == set(neural_voice.voice_words(0, voice, 4)) - set(config.KEYWORDS)
+        # as many "unknown" takes as an espeak-ng speaker, rounded up: 4 words x 7 takes
+        assert len(other) == 28 and len({job.relpath for job in mine}) == len(mine)

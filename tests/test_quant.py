@@ -1,6 +1,7 @@
 """Tests of kws_utils.quant: TI-style QAT/PTQ wrappers and the TI NPU integer model."""
 from __future__ import annotations
 
+import copy
 import functools
 import importlib
 import math
@@ -189,6 +190,28 @@ def test_ti_example_settings_are_accepted_and_mixed_layers_keep_8_bits() -> None
                                                      "pointwise3"}
     assert {b for n, b in bits.items() if n not in ("depthwise2", "pointwise2", "depthwise3",
                                                     "pointwise3")} == {4}
+
+
+def test_affine_activations_change_only_the_activation_scheme_and_give_zero_points() -> None:
+    course = quant.qconfig_for(2, keep_8bit=model.EDGE_LAYERS)
+    qt = quant.with_affine_activations(course)
+    assert course["activation"]["power2_scale"] and course["activation"]["qscheme"] == torch.per_tensor_symmetric
+    assert qt["weight"] == course["weight"]
+    assert qt["activation"] == {**course["activation"], "power2_scale": False, "qscheme": torch.per_tensor_affine}
+
+
+
+def test_ptq_learned_with_affine_activations_exports_another_integer_model(tmp_path) -> None:
+    x = torch.randn(32, *config.INPUT_SHAPE) * 8
+    net = _random_dscnn()
+    logits = {}
+    for affine in (False, True):
+        wrapper = quant.ptq_learned(copy.deepcopy(net), 2, x, iters=2, progress=False,
+                                    keep_8bit=model.EDGE_LAYERS, affine_activations=affine)
+        path = quant.export_integer(wrapper, tmp_path / f"affine_{affine}.onnx")
+        logits[affine] = export.onnx_predict(path, x[:16])
+        assert np.isfinite(logits[affine]).all()
+    assert not np.array_equal(logits[False], logits[True])    # the setting reaches the integer model
 
 
 @pytest.mark.parametrize("bits", [4, 2])

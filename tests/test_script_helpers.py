@@ -6,7 +6,10 @@ import json
 import sys
 from pathlib import Path
 
-from kws_utils import quant
+import pytest
+import torch
+
+from kws_utils import model, quant
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -25,15 +28,26 @@ def _load(path: str):
 
 def test_bench_rows_with_tis_example_settings() -> None:
     bench = _load("benchmarks/bench_ptq_real.py")
-    rows = {key: (bits, learn, keep, example) for key, bits, learn, keep, example in bench.variants()}
+    rows = {key: (bits, learn, keep, settings) for key, bits, learn, keep, settings in bench.variants()}
     ti = quant.ti_example_qconfig(4)
     kept = tuple(ti["weight"]["mixed_precision"][8])
-    assert rows["int4_ti_example_nearest"] == (4, False, kept, True)
-    assert bench.qconfig(4, kept, True) == ti
-    every_layer = bench.qconfig(4, (), True)
+    assert rows["int4_ti_example_nearest"] == (4, False, kept, "ti_example")
+    assert bench.qconfig(4, kept, "ti_example") == ti
+    every_layer = bench.qconfig(4, (), "ti_example")
     assert "mixed_precision" not in every_layer["weight"]
     assert every_layer["activation"] == ti["activation"]        # the same settings, every layer 4-bit
-    assert bench.qconfig(4, ("conv1",), False) == quant.qconfig_for(4, keep_8bit=("conv1",))
+    assert bench.qconfig(4, ("conv1",)) == quant.qconfig_for(4, keep_8bit=("conv1",))
+
+
+def test_bench_rows_with_affine_activations_keep_the_course_weights() -> None:
+    bench = _load("benchmarks/bench_ptq_real.py")
+    rows = {key: (bits, learn, keep, settings) for key, bits, learn, keep, settings in bench.variants()}
+    assert rows["int2_affine_act_edges8_learned"] == (2, True, model.EDGE_LAYERS, "affine_act")
+    qt = bench.qconfig(2, model.EDGE_LAYERS, "affine_act")
+    course = quant.qconfig_for(2, keep_8bit=model.EDGE_LAYERS)
+    assert qt["weight"] == course["weight"]
+    assert qt["activation"] == {**course["activation"], "power2_scale": False,
+                                "qscheme": torch.per_tensor_affine}
 
 
 def test_choose_reuses_only_runs_of_the_same_recipe_and_seeds(tmp_path: Path) -> None:
@@ -49,3 +63,24 @@ def test_choose_reuses_only_runs_of_the_same_recipe_and_seeds(tmp_path: Path) ->
     assert choose.earlier_runs(tmp_path / "absent.json", "a", recipe) is None
     path.write_text(json.dumps({"candidates": {"a": {"recipe": recipe, "runs": runs[:1]}}}))
     assert choose.earlier_runs(path, "a", recipe) is None
+
+
+def test_a_lever_names_only_the_fields_it_sets() -> None:
+    choose = _load("scripts/choose_offline_data.py")
+    recipe, fields, masks = choose.candidate((1, 0.85, 1.15, 0.5, 0.25), 20)
+    assert (recipe.tts_share, recipe.tts_voices, masks) == (0.25, 20, 0)
+    assert fields == {"aux_repeats": 1, "speed_min": 0.85, "speed_max": 1.15, "reverb_share": 0.5,
+                      "tts_share": 0.25, "tts_voices": 20}
+    recipe, fields, masks = choose.candidate((1, 0.85, 1.15, 0.5, 0.25,
+                                              {"tts_voices": 50, "tts_other_words": 4, "time_masks": 2}), 20)
+    assert (recipe.tts_voices, recipe.tts_other_words, masks) == (50, 4, 2)
+    assert fields["tts_other_words"] == 4 and fields["time_masks"] == 2
+    recipe, fields, _ = choose.candidate((2, 1.0, 1.0), 20)
+    assert fields == {"aux_repeats": 2, "speed_min": 1.0, "speed_max": 1.0}
+
+
+def test_a_benchmark_resumes_only_results_measured_alike() -> None:
+    timing = _load("benchmarks/timing.py")
+    timing.check_resumable({"threads": 2, "scored_on": "x"}, {"threads": 2, "scored_on": "x"}, ("threads", "scored_on"))
+    with pytest.raises(SystemExit, match="threads.*KWS_BENCH_THREADS"):
+        timing.check_resumable({"threads": 1, "scored_on": "x"}, {"threads": 2, "scored_on": "x"}, ("threads", "scored_on"))

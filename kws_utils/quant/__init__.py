@@ -64,7 +64,7 @@ warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor, torch\.q
 from kws_utils.quant.qconfig import (FLOAT32_EXACT, MAX_SHIFT, MULT_BITS, WEIGHT_BITS,
                                      default_qconfig_type, layer_qconfig_type,
                                      normalize_qconfig_type, output_int_dtype, qconfig_for,
-                                     ti_example_qconfig)
+                                     ti_example_qconfig, with_affine_activations)
 from kws_utils.quant.observers import (MSE_RATIOS, ActivationObserver, PerChannelWeightObserver,
                                        PerTensorWeightObserver, ceil_power2, make_backend_config,
                                        make_qconfig)

@@ -81,6 +81,13 @@ def ti_example_qconfig(weight_bits: int) -> dict:
     return qt
 
 
+def with_affine_activations(qt: dict) -> dict:
+    """A copy of ``qt`` with TI's example activation settings: per-tensor affine, scales not powers of 2."""
+    qt = copy.deepcopy(qt)
+    qt["activation"].update(power2_scale=False, qscheme=torch.per_tensor_affine)
+    return qt
+
+
 def _check_keys(part: dict, known: set, kind: str) -> None:
     """Reject keys this implementation does not know, naming them."""
     unknown = set(part) - known

@@ -427,10 +427,11 @@ def layer_errors(wrapper: nn.Module, inputs: torch.Tensor,
 
 def ptq_learned(model: nn.Module, bits: int, calib_x: torch.Tensor, iters: int | None = None,
                 progress: bool = True, seed: int = config.SEED,
-                keep_8bit: tuple[str, ...] = ()) -> nn.Module:
+                keep_8bit: tuple[str, ...] = (), affine_activations: bool = False) -> nn.Module:
     """Like ``quant.ptq`` (fake-quant matched to the integer model), with learned rounding before convert()."""
+    qt = qconfig.qconfig_for(bits, keep_8bit=keep_8bit)
     wrapper = wrappers.TINPUTinyMLPTQFxModule(
-        model, total_epochs=1, qconfig_type=qconfig.qconfig_for(bits, keep_8bit=keep_8bit),
+        model, total_epochs=1, qconfig_type=qconfig.with_affine_activations(qt) if affine_activations else qt,
         example_inputs=torch.zeros(1, *config.INPUT_SHAPE))
     # Rounding learned on a fake-quant model that is not the integer one overfits the wrong network.
     course.match_integer_model(wrapper)
