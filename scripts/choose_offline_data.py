@@ -54,6 +54,10 @@ LEVERS = {
         (1, 0.85, 1.15, 0.5, 0.5, {"tts_voices": 50, "tts_other_words": 4}),
     "+ 60 neural voices (keywords + 2 other words each) for a quarter + rooms for half":
         (1, 0.85, 1.15, 0.5, 0.25, {"tts_voices": 60, "tts_other_words": 2}),
+    "+ 50 neural voices (keywords + 4 other words each) for 35 % + rooms for half":
+        (1, 0.85, 1.15, 0.5, 0.35, {"tts_voices": 50, "tts_other_words": 4}),
+    "+ 40 neural voices (keywords + 8 other words each) for a quarter + rooms for half":
+        (1, 0.85, 1.15, 0.5, 0.25, {"tts_voices": 40, "tts_other_words": 8}),
     # Not a Recipe field: SpecAugment-style time masks of the training views (features.time_mask).
     "+ 50 neural voices (keywords + 4 other words) for a quarter + rooms for half + 2 time masks":
         (1, 0.85, 1.15, 0.5, 0.25, {"tts_voices": 50, "tts_other_words": 4, "time_masks": 2}),
