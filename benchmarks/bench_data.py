@@ -13,6 +13,8 @@ from timing import timed  # noqa: E402
 
 SPEAKERS = 20          # small: about 1,800 clips, a few seconds on 2 cores
 TEST_PER_CLASS = 20
+# espeak-ng's throughput: the neural voice bank is rendered once per seed, timed by bench_offline_real.py.
+RECIPE = synthetic.Recipe(tts_share=0.0)
 
 
 def run(speakers: int = SPEAKERS, workers: int = synthetic.WORKERS) -> dict:
@@ -20,9 +22,9 @@ def run(speakers: int = SPEAKERS, workers: int = synthetic.WORKERS) -> dict:
     with tempfile.TemporaryDirectory(prefix="kws_bench_") as tmp:
         root = Path(tmp)
         train, gen_s = timed(synthetic.generate_dataset, root / "train", speakers, config.SEED,
-                             workers)
+                             workers, RECIPE)
         test, test_s = timed(synthetic.generate_test_set, root / "test", speakers,
-                             TEST_PER_CLASS, config.SEED, workers)
+                             TEST_PER_CLASS, config.SEED, workers, RECIPE)
         info = data.DatasetInfo("synthetic", train, test, "benchmark")
         parts, split_s = timed(data.splits, info)
         clips = parts["train"]

@@ -240,7 +240,7 @@ class Clip:
 def _offline_help(url: str, err: object) -> str:
     """What to do when the dataset server cannot be reached."""
     return (f"Could not reach {url} ({err}). This machine seems to have no internet access. "
-            "Either set KWS_DATASET=synthetic to use the generated offline dataset (espeak-ng "
+            "Either set KWS_DATASET=synthetic to use the generated offline dataset (synthetic "
             "speech, same layout), or download speech_commands_v0.02.tar.gz and "
             "speech_commands_test_set_v0.02.tar.gz on another machine, extract each into its own "
             "folder, and set KWS_DATA_DIR and KWS_TEST_DIR to those folders.")
@@ -528,7 +528,7 @@ def banner(info: DatasetInfo) -> str:
              f"  train/validation: {info.train_dir}", f"  test:             {info.test_dir}"]
     if info.kind == "synthetic":
         rule = "=" * 78
-        lines = [rule, "SYNTHETIC DATA (espeak-ng speech, generated offline)", *lines,
+        lines = [rule, "SYNTHETIC DATA (text-to-speech voices, generated offline)", *lines,
                  "Accuracy on this data is NOT comparable with MLPerf Tiny / Speech Commands "
                  "figures.",
                  "For real results: KWS_DATASET=real (downloads 2.5 GB) or set KWS_DATA_DIR and "

@@ -12,7 +12,7 @@ from kws_utils.errors import InputError
 
 SOURCE_TAGS = {
     "real": "real Speech Commands v2",
-    "synthetic": "SYNTHETIC espeak-ng data, not comparable with MLPerf",
+    "synthetic": "SYNTHETIC speech data, not comparable with MLPerf",
     "mlperf": "real MLPerf kws01 inputs",
 }
 

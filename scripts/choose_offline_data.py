@@ -1,25 +1,27 @@
 """Choose the offline dataset's recipe on real speech that is not the test set.
 
-Each candidate ``synthetic.Recipe`` (takes of the 25 other words per speaker, speed perturbation)
-generates a workshop-size offline dataset in a temporary folder; notebook 03's model is trained
-on it with TI's recipe (the workshop profile's epochs and views) and scored on the real
-calibration pool (``real_audio.pool_set``: real clips of speakers outside the official test set).
-The official test set is never read. The course's recipe (config.SYNTH_AUX_REPEATS,
-config.SYNTH_SPEED_RANGE) is the candidate with the best mean pool keyword accuracy.
+Each candidate ``synthetic.Recipe`` generates a workshop-size offline dataset in a temporary folder;
+notebook 03's model is trained on it with TI's recipe (the workshop profile's epochs and views) and
+scored on the real calibration pool (``real_audio.pool_set``: real clips of speakers outside the
+official test set). The official test set is never read. Two stages, both printed by notebook 03:
 
     python scripts/choose_offline_data.py          # about 15 min on 2 cores (3 candidates x 2 seeds)
 
-Writes output/offline_data_choice.json; notebook 03 prints it.
+scores espeak-ng-only candidates (takes of the 25 other words per speaker, speed perturbation) and
+writes output/offline_data_choice.json: config.SYNTH_AUX_REPEATS and config.SYNTH_SPEED_RANGE are its
+best mean pool keyword accuracy.
 
-    python scripts/choose_offline_data.py --levers # about 80 min: levers not adopted yet
+    python scripts/choose_offline_data.py --levers # every lever afresh: about 1.5 h on 2 cores, half of it
+                                                    # rendering the four neural banks
     python scripts/choose_offline_data.py --levers --reuse   # only the levers not yet scored (a new
                                                     # neural bank takes about 6 min per seed)
 
-scores the course's recipe beside new levers (room reverberation, ``Recipe.reverb_share``; neural TTS
-voices, ``Recipe.tts_share`` / ``tts_voices`` / ``tts_other_words``, whose banks are kept in the course's
-data root; SpecAugment-style time masks of the training views) the
-same way and writes output/offline_data_levers.json instead; the course's recipe is unchanged
-until a lever is adopted (config.py) and the course re-run on it.
+scores that recipe beside levers (room reverberation, ``Recipe.reverb_share``; neural TTS voices,
+``Recipe.tts_share`` / ``tts_voices`` / ``tts_other_words``, whose banks are kept in the course's data
+root; SpecAugment-style time masks of the training views) the same way and writes
+output/offline_data_levers.json: config.SYNTH_REVERB_SHARE, SYNTH_TTS_SHARE, SYNTH_TTS_OTHER_WORDS
+and the profiles' tts_voices are its best mean pool keyword accuracy. Every entry names its whole
+recipe, so the tables keep their meaning when the course's recipe changes.
 """
 from __future__ import annotations
 
@@ -40,13 +42,15 @@ CANDIDATES = {
     "1 take of other words + speed 0.85-1.15": (1, 0.85, 1.15),
 }
 RECIPE_FIELDS = ("aux_repeats", "speed_min", "speed_max", "reverb_share", "tts_share")
+# The first neural bank: 20 voices, each saying all 35 words.
+BANK_20 = {"tts_voices": 20, "tts_other_words": 25}
 LEVERS = {
-    "the course's recipe (1 take + speed 0.85-1.15)": (1, 0.85, 1.15, 0.0, 0.0),
-    "+ neural TTS voices for a quarter of the training speakers": (1, 0.85, 1.15, 0.0, 0.25),
-    "+ neural TTS voices for half the training speakers": (1, 0.85, 1.15, 0.0, 0.5),
-    "+ neural TTS voices for 15 % of the training speakers": (1, 0.85, 1.15, 0.0, 0.15),
-    "+ neural TTS voices for a quarter + reverberant rooms for half the speakers": (1, 0.85, 1.15, 0.5, 0.25),
-    "+ neural TTS voices for a quarter + reverberant rooms for every speaker": (1, 0.85, 1.15, 1.0, 0.25),
+    "espeak-ng only, dry rooms (1 take + speed 0.85-1.15)": (1, 0.85, 1.15, 0.0, 0.0),
+    "+ neural TTS voices for a quarter of the training speakers": (1, 0.85, 1.15, 0.0, 0.25, BANK_20),
+    "+ neural TTS voices for half the training speakers": (1, 0.85, 1.15, 0.0, 0.5, BANK_20),
+    "+ neural TTS voices for 15 % of the training speakers": (1, 0.85, 1.15, 0.0, 0.15, BANK_20),
+    "+ neural TTS voices for a quarter + reverberant rooms for half the speakers": (1, 0.85, 1.15, 0.5, 0.25, BANK_20),
+    "+ neural TTS voices for a quarter + reverberant rooms for every speaker": (1, 0.85, 1.15, 1.0, 0.25, BANK_20),
     # The same rendering time spread over more voices: each says the keywords and 4 of the other words.
     "+ 50 neural voices (keywords + 4 other words each) for a quarter + rooms for half":
         (1, 0.85, 1.15, 0.5, 0.25, {"tts_voices": 50, "tts_other_words": 4}),
@@ -103,20 +107,24 @@ def score(root: Path, name: str, recipe: "synthetic.Recipe", seed: int, pool: tu
             "pool_other_words": round(float((pred[~keyword] == y[~keyword]).float().mean()), 4)}
 
 
-def candidate(values: tuple, tts_voices: int) -> tuple["synthetic.Recipe", dict, int]:
+def candidate(values: tuple) -> tuple["synthetic.Recipe", dict, int]:
     """A CANDIDATES / LEVERS entry as (Recipe, the fields it sets, time masks of the training views)."""
-    from kws_utils import config, synthetic
+    from kws_utils import synthetic
 
     values, extra = (values[:-1], dict(values[-1])) if isinstance(values[-1], dict) else (values, {})
     time_masks = extra.pop("time_masks", 0)
-    recipe = synthetic.Recipe(*values, **{"tts_voices": tts_voices, **extra})
+    # Fields an entry leaves out are espeak-ng only and dry rooms, whatever config.py now says.
+    shares = dict(zip(("reverb_share", "tts_share"), values[3:5]))
+    if shares.get("tts_share") and not {"tts_voices", "tts_other_words"} <= extra.keys():
+        raise ValueError(f"lever {values}: name the neural bank's tts_voices and tts_other_words.")
+    recipe = synthetic.Recipe(*values[:3], **{"reverb_share": 0.0, "tts_share": 0.0, **shares, **extra})
     # Only the fields a candidate sets: notebook 03 compares the choice's with the course's, and
     # --reuse compares them with an earlier run's.
     fields = dict(zip(RECIPE_FIELDS, values))
     if recipe.tts_share:
         fields["tts_voices"] = recipe.tts_voices
-    if recipe.tts_other_words != config.SYNTH_TTS_OTHER_WORDS:
-        fields["tts_other_words"] = recipe.tts_other_words
+        if recipe.tts_other_words < len(synthetic.AUX_WORDS):   # all 25: recorded as before the option
+            fields["tts_other_words"] = recipe.tts_other_words
     if time_masks:
         fields["time_masks"] = time_masks
     return recipe, fields, time_masks
@@ -155,7 +163,7 @@ def main(levers: bool = False, reuse: bool = False) -> None:
                             "test set",
                "candidates": {}}
         for i, (name, values) in enumerate((LEVERS if levers else CANDIDATES).items()):
-            recipe, fields, time_masks = candidate(values, config.profile().tts_voices)
+            recipe, fields, time_masks = candidate(values)
             runs = earlier_runs(results_path(levers), name, fields) if reuse else None
             if runs is not None:
                 print(name, "reused from the earlier results file", flush=True)

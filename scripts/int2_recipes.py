@@ -228,7 +228,7 @@ def main() -> None:
     rows = kept_rows(path, result, {r.name for r in chosen})
     for recipe in chosen:   # the file is rewritten after each recipe: a long run keeps what it did
         rows[recipe.name] = run_recipe(recipe, model, feats, real, calib_x, epochs,
-                                       config.qat_lr_for(BITS, prof), prof.batch_size)
+                                       prof.qat_lr, prof.batch_size)   # factors of TI's rate, not a departure
         result["recipes"] = [rows[r.name] for r in RECIPES if r.name in rows]
         files.write_text(path, json.dumps(result, indent=1))
     print(f"wrote {path}")

@@ -26,7 +26,8 @@ from kws_utils import files  # noqa: E402
 
 # Where a first run does more than the timed run did (the timed run had both already built).
 FIRST_RUN = {
-    "01": " A first run also generates the offline dataset (a minute or two on 2 cores).",
+    "01": (" A first run also generates the offline dataset (minutes on 2 cores: about eight on the default "
+           "profile, most of it rendering the neural voices once)."),
     "03": " A first run also computes the MFCC feature cache.",
 }
 TIME_LINE = re.compile(r"\*\*Time:\*\*[^\n]*")

@@ -9,6 +9,9 @@ from kws_utils import data, synthetic
 
 TINY_SPEAKERS = 6     # 4 train, 1 validation, 1 test speaker
 TINY_PER_CLASS = 4
+# The course's recipe without its neural voices: a bank is minutes of rendering per seed, and the neural
+# path has its own tests with banks of 2-3 voices (test_neural_voice.py).
+FAST_RECIPE = synthetic.Recipe(tts_share=0.0)
 
 
 @pytest.fixture(scope="session")
@@ -16,5 +19,5 @@ def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> data.DatasetInfo:
     """A few speakers of the offline dataset, in the Speech Commands layout."""
     root = tmp_path_factory.mktemp("tiny")
     train, test = synthetic.ensure_synthetic(root / "train", root / "test", TINY_SPEAKERS,
-                                             TINY_PER_CLASS, seed=1, workers=1)
+                                             TINY_PER_CLASS, seed=1, workers=1, recipe=FAST_RECIPE)
     return data.DatasetInfo("synthetic", Path(train), Path(test), "tiny synthetic dataset for tests")

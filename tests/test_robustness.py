@@ -180,7 +180,8 @@ def test_ignored_ctrl_c_leaves_espeak_utterances_whole() -> None:
 def test_ctrl_c_stops_generation_and_leaves_no_marker(tmp_path: Path) -> None:
     target = tmp_path / "synth"
     code = ("from kws_utils import synthetic\n"
-            f"synthetic.generate_dataset({str(target)!r}, speakers=30, seed=3, workers=1)\n")
+            f"synthetic.generate_dataset({str(target)!r}, speakers=30, seed=3, workers=1,\n"
+            "                           recipe=synthetic.Recipe(tts_share=0.0))\n")
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     # A shell's background job (nohup ... &) inherits SIGINT ignored, and Python then never
     # raises KeyboardInterrupt; give the child the default disposition a terminal would.

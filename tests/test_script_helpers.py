@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kws_utils import model, quant
+from kws_utils import config, model, quant
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -67,15 +67,23 @@ def test_choose_reuses_only_runs_of_the_same_recipe_and_seeds(tmp_path: Path) ->
 
 def test_a_lever_names_only_the_fields_it_sets() -> None:
     choose = _load("scripts/choose_offline_data.py")
-    recipe, fields, masks = choose.candidate((1, 0.85, 1.15, 0.5, 0.25), 20)
-    assert (recipe.tts_share, recipe.tts_voices, masks) == (0.25, 20, 0)
+    recipe, fields, masks = choose.candidate((1, 0.85, 1.15, 0.5, 0.25, choose.BANK_20))
+    assert (recipe.tts_share, recipe.tts_voices, recipe.tts_other_words, masks) == (0.25, 20, 25, 0)
     assert fields == {"aux_repeats": 1, "speed_min": 0.85, "speed_max": 1.15, "reverb_share": 0.5,
                       "tts_share": 0.25, "tts_voices": 20}
     recipe, fields, masks = choose.candidate((1, 0.85, 1.15, 0.5, 0.25,
-                                              {"tts_voices": 50, "tts_other_words": 4, "time_masks": 2}), 20)
+                                              {"tts_voices": 50, "tts_other_words": 4, "time_masks": 2}))
     assert (recipe.tts_voices, recipe.tts_other_words, masks) == (50, 4, 2)
     assert fields["tts_other_words"] == 4 and fields["time_masks"] == 2
-    recipe, fields, _ = choose.candidate((2, 1.0, 1.0), 20)
+    with pytest.raises(ValueError, match="tts_voices and tts_other_words"):
+        choose.candidate((1, 0.85, 1.15, 0.5, 0.25))
+
+
+def test_a_candidate_without_levers_is_espeak_only_whatever_the_course_uses() -> None:
+    choose = _load("scripts/choose_offline_data.py")
+    assert config.SYNTH_TTS_SHARE and config.SYNTH_REVERB_SHARE   # the course's recipe has both levers
+    recipe, fields, _ = choose.candidate((2, 1.0, 1.0))
+    assert (recipe.reverb_share, recipe.tts_share) == (0.0, 0.0)
     assert fields == {"aux_repeats": 2, "speed_min": 1.0, "speed_max": 1.0}
 
 
@@ -84,3 +92,12 @@ def test_a_benchmark_resumes_only_results_measured_alike() -> None:
     timing.check_resumable({"threads": 2, "scored_on": "x"}, {"threads": 2, "scored_on": "x"}, ("threads", "scored_on"))
     with pytest.raises(SystemExit, match="threads.*KWS_BENCH_THREADS"):
         timing.check_resumable({"threads": 1, "scored_on": "x"}, {"threads": 2, "scored_on": "x"}, ("threads", "scored_on"))
+
+
+def test_the_int2_qat_rate_is_chosen_on_validation_among_runs_that_finished() -> None:
+    choose = _load("scripts/choose_int2_qat_lr.py")
+    runs = [{"lr": 0.005, "diverged": "nan"}, {"lr": 0.0025, "val_acc": [0.5, 0.9, 0.7]},
+            {"lr": 0.001, "val_acc": [0.4, 0.6, 0.8]}]
+    assert choose.chosen(runs)["lr"] == 0.001       # the last epoch counts, not the best one
+    assert choose.chosen(runs[:1]) is None
+    assert choose.results_path("default", "synthetic").parts[-2:] == ("int2_qat_lr", "default_synthetic.json")

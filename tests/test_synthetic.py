@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from conftest import FAST_RECIPE
 from kws_utils import config, synthetic
 
 SPEAKERS = 6          # tiny: 4 train, 1 validation, 1 testing speaker
@@ -29,7 +30,7 @@ def generated(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """A tiny synthetic dataset and test set, rendered in-process."""
     root = tmp_path_factory.mktemp("synth")
     return synthetic.ensure_synthetic(root / "train", root / "test", SPEAKERS, PER_CLASS, seed=3,
-                                      workers=1)
+                                      workers=1, recipe=FAST_RECIPE)
 
 
 def test_layout_matches_speech_commands(generated: tuple[Path, Path]) -> None:
@@ -106,9 +107,9 @@ def test_test_set_balanced_and_from_test_speakers(generated: tuple[Path, Path]) 
 def test_same_seed_same_bytes_any_worker_count(generated: tuple[Path, Path],
                                                tmp_path: Path) -> None:
     # Two worker processes instead of one: espeak state must not leak between clips.
-    again = synthetic.generate_dataset(tmp_path / "again", SPEAKERS, seed=3, workers=2)
+    again = synthetic.generate_dataset(tmp_path / "again", SPEAKERS, seed=3, workers=2, recipe=FAST_RECIPE)
     assert _digest(again) == _digest(generated[0])
-    test_again = synthetic.generate_test_set(tmp_path / "t", SPEAKERS, PER_CLASS, seed=3)
+    test_again = synthetic.generate_test_set(tmp_path / "t", SPEAKERS, PER_CLASS, seed=3, recipe=FAST_RECIPE)
     assert _digest(test_again) == _digest(generated[1])
 
 
@@ -120,9 +121,10 @@ def test_other_seed_other_data(tmp_path: Path) -> None:
 
 def test_marker_records_parameters(generated: tuple[Path, Path]) -> None:
     train, test = generated
-    assert synthetic.is_complete(train, synthetic.train_params(SPEAKERS, 3))
-    assert not synthetic.is_complete(train, synthetic.train_params(SPEAKERS, 4))
-    assert synthetic.is_complete(test, synthetic.test_params(SPEAKERS, PER_CLASS, 3))
+    assert synthetic.is_complete(train, synthetic.train_params(SPEAKERS, 3, FAST_RECIPE))
+    assert not synthetic.is_complete(train, synthetic.train_params(SPEAKERS, 4, FAST_RECIPE))
+    assert not synthetic.is_complete(train, synthetic.train_params(SPEAKERS, 3))   # with neural voices
+    assert synthetic.is_complete(test, synthetic.test_params(SPEAKERS, PER_CLASS, 3, FAST_RECIPE))
     assert synthetic.read_marker(train)["files"] == len(list(train.rglob("*.wav")))
 
 
@@ -134,9 +136,9 @@ def test_interrupted_generation_leaves_nothing_complete(tmp_path: Path,
     monkeypatch.setattr(synthetic, "_write_lists", crash)
     target = tmp_path / "ds"
     with pytest.raises(KeyboardInterrupt):
-        synthetic.generate_dataset(target, 3, seed=0, workers=1)
+        synthetic.generate_dataset(target, 3, seed=0, workers=1, recipe=FAST_RECIPE)
     assert not target.exists()
-    assert not synthetic.is_complete(target, synthetic.train_params(3, 0))
+    assert not synthetic.is_complete(target, synthetic.train_params(3, 0, FAST_RECIPE))
 
 
 def test_every_voice_speaks() -> None:
@@ -190,12 +192,13 @@ def test_change_speed_shortens_and_raises_pitch() -> None:
 
 
 def test_recipe_sets_takes_and_speed(tmp_path: Path) -> None:
-    recipe = synthetic.Recipe(aux_repeats=3, speed_min=1.0, speed_max=1.0)
+    recipe = synthetic.Recipe(aux_repeats=3, speed_min=1.0, speed_max=1.0, tts_share=0.0)
     train = synthetic.generate_dataset(tmp_path / "r", 3, seed=3, workers=1, recipe=recipe)
     assert len(list((train / "bed").glob("*.wav"))) == 3 * 3
     assert synthetic.is_complete(train, synthetic.train_params(3, 3, recipe))
     assert not synthetic.is_complete(train, synthetic.train_params(3, 3))    # the course's recipe
-    speeds = [job.speed for shard in synthetic.train_jobs(synthetic.make_speakers(3, 3), 3) for job in shard]
+    speeds = [job.speed for shard in synthetic.train_jobs(synthetic.make_speakers(3, 3), 3, FAST_RECIPE)
+              for job in shard]
     lo, hi = config.SYNTH_SPEED_RANGE
     assert all(lo <= s <= hi for s in speeds) and len(set(speeds)) > 1
     assert {job.speed for shard in synthetic.train_jobs(synthetic.make_speakers(3, 3), 3, recipe)
