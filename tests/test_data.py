@@ -330,7 +330,7 @@ def test_auto_falls_back_to_synthetic_when_offline(tmp_path: Path,
 
 def test_banner_flags_synthetic_data() -> None:
     text = data.banner(data.DatasetInfo("synthetic", Path("a"), Path("b"), "generated"))
-    assert "SYNTHETIC" in text and "espeak-ng" in text and "NOT comparable" in text
+    assert "SYNTHETIC" in text and "text-to-speech" in text and "NOT comparable" in text
     assert "SYNTHETIC" not in data.banner(data.DatasetInfo("real", Path("a"), Path("b"), "real"))
 
 
