@@ -60,20 +60,21 @@ VARIANTS = ("", "m1", "m2", "m3", "m4", "m5", "m6", "m7", "f1", "f2", "f3", "f4"
 ESPEAK_VOLUME = 70         # below 100: louder settings clip some variants
 # Separate random streams, so adding one kind of draw never shifts another.
 (STREAM_SPEAKER_IDS, STREAM_SPEAKER, STREAM_CLIP, STREAM_NOISE, STREAM_TEST, STREAM_SPEED, STREAM_ROOM,
- STREAM_TTS) = range(8)
+ STREAM_TTS, STREAM_AUX) = range(9)
 
 
 @dataclass(frozen=True)
 class Recipe:
     """What the offline dataset holds beyond its size; the defaults are the course's (config.py)."""
 
-    aux_repeats: int = config.SYNTH_AUX_REPEATS   # takes of each of the 25 other words per speaker
+    aux_repeats: int = config.SYNTH_AUX_REPEATS   # takes of each other word a speaker says
     speed_min: float = config.SYNTH_SPEED_RANGE[0]   # per-clip speed perturbation, drawn uniformly
     speed_max: float = config.SYNTH_SPEED_RANGE[1]
     reverb_share: float = config.SYNTH_REVERB_SHARE   # speakers recorded in a reverberant room
     tts_share: float = config.SYNTH_TTS_SHARE   # training speakers voiced by the neural bank
     tts_voices: int = config.PROFILES["default"].tts_voices   # neural bank size (data.py: the profile's)
     tts_other_words: int = config.SYNTH_TTS_OTHER_WORDS   # of the 25 other words, how many each voice says
+    aux_words: int = config.SYNTH_AUX_WORDS   # of the 25 other words, how many each espeak-ng speaker says
 
     def draw_room(self, seed: int, speaker: int) -> tuple[float, float]:
         """A speaker's room as (RT60 in s, direct-to-reverberant ratio in dB); (0, 0) is dry."""
@@ -89,6 +90,13 @@ class Recipe:
             return -1
         rng = np.random.default_rng([seed, STREAM_TTS, speaker])
         return int(rng.integers(self.tts_voices)) if rng.random() < self.tts_share else -1
+
+    def draw_aux_words(self, seed: int, speaker: int) -> tuple[str, ...]:
+        """The other words an espeak-ng speaker says: all 25, or a seeded subset of ``aux_words``."""
+        if self.aux_words >= len(AUX_WORDS):
+            return AUX_WORDS
+        rng = np.random.default_rng([seed, STREAM_AUX, speaker])
+        return tuple(sorted(rng.choice(AUX_WORDS, self.aux_words, replace=False).tolist()))
 
     def draw_speed(self, *stream: int) -> float:
         """One clip's speed factor, from its own seeded stream (1.0 when the range is empty)."""
@@ -555,11 +563,11 @@ def train_jobs(speakers: list[Speaker], seed: int, recipe: Recipe = Recipe(),
         room = recipe.draw_room(seed, sp.index)
         voice = recipe.draw_tts(seed, sp.index, sp.split)
         says = (neural_voice.voice_words(seed, voice, recipe.tts_other_words) if voice >= 0
-                else config.ALL_WORDS)
+                else config.KEYWORDS + recipe.draw_aux_words(seed, sp.index))
         # A voice with fewer other words says each more often: as many "unknown" takes as espeak's
         # speakers, so the kind of voice does not tell keyword from other word.
         others = sum(w not in config.KEYWORDS for w in says)
-        aux_repeats = -(-recipe.aux_repeats * len(AUX_WORDS) // others)
+        aux_repeats = -(-recipe.aux_repeats * min(recipe.aux_words, len(AUX_WORDS)) // others)
         for w, word in enumerate(config.ALL_WORDS):
             if word not in says:
                 continue
@@ -722,6 +730,8 @@ def train_params(speakers: int, seed: int, recipe: Recipe = Recipe()) -> dict:
               "speakers": speakers, "keyword_repeats": config.SYNTH_KEYWORD_REPEATS,
               "aux_repeats": recipe.aux_repeats, "speed_min": recipe.speed_min,
               "speed_max": recipe.speed_max, "shard_speakers": SHARD_SPEAKERS}
+    if recipe.aux_words < len(AUX_WORDS):   # absent for all 25, so folders made before stay valid
+        params["aux_words"] = recipe.aux_words
     if recipe.reverb_share:   # absent when 0, so folders made before reverberation stay valid
         params["reverb_share"] = recipe.reverb_share
     if recipe.tts_share:      # likewise for the neural voices
@@ -777,6 +787,10 @@ def _check_recipe(recipe: object) -> None:
     if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0.0 <= share <= 1.0:
         raise InputError(f"recipe.tts_share={recipe.tts_share!r}: give the share of training speakers "
                          "voiced by the neural TTS bank, a number in [0, 1] (0 for espeak-ng only).")
+    _check_positive("recipe.aux_words", recipe.aux_words)
+    if recipe.aux_words > len(AUX_WORDS):
+        raise InputError(f"recipe.aux_words={recipe.aux_words!r}: a speaker can say at most the "
+                         f"{len(AUX_WORDS)} other words.")
     _check_positive("recipe.tts_voices", recipe.tts_voices)
     _check_positive("recipe.tts_other_words", recipe.tts_other_words)
     if recipe.tts_other_words > len(AUX_WORDS):

@@ -22,6 +22,7 @@ DISTILL = "python scripts/distill_reference.py --bits 2 --seeds 0 1 2 3 4 --thre
 #  the notebook that prints it, the command that writes it)
 INPUTS = (
     ("offline_data_choice.json", "03", "python scripts/choose_offline_data.py"),
+    ("offline_data_levers.json", "03", "python scripts/choose_offline_data.py --levers"),
     ("recipe_compare/default_synthetic.json", "03", "KWS_PROFILE=default python scripts/recipe_compare.py"),
     ("int2_qat_lr/default_synthetic.json", "05", "KWS_PROFILE=default python scripts/choose_int2_qat_lr.py --threads 1"),
     ("int2_recipes/default_synthetic.json", "05", "KWS_PROFILE=default python scripts/int2_recipes.py --threads 2"),

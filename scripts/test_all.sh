@@ -11,13 +11,18 @@
 # the packages run both side by side (tagged both-backends), and the unit tests run every
 # quantization function on both backends. Notebook 06 uses no quantization package: it reads the
 # exported integer ONNX files. The notebooks share no cores with the unit tests: beside them,
-# notebooks 01-04 took three times as long.
+# notebooks 01-04 took three times as long. The CI profile's data (the offline dataset with its
+# neural voices, the MFCC caches, the real-audio features) is made first, on both cores: otherwise
+# the first unit test that needs it makes it in a one-thread worker (121 s on 2026-12-02).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-.venv/bin}
 export KWS_PROFILE=ci KWS_DATASET=${KWS_DATASET:-synthetic}
 NBVAL=(--nbval-lax --nbval-current-env --nbval-cell-timeout=1800)
 
+echo "== the CI profile's data"
+"$BIN/python" scripts/prepare_data.py
+data_rc=$?
 echo "== unit tests"
 OMP_NUM_THREADS=1 "$BIN/python" -m pytest -q --durations=15 -n "${TEST_WORKERS:-2}" --dist loadfile tests
 unit_rc=$?
@@ -33,5 +38,5 @@ if "$BIN/python" -c "import tinyml_torchmodelopt" 2>/dev/null; then
 else
   echo "TI's tinyml_torchmodelopt is not installed: the notebooks ran on kws_utils.quant only."
 fi
-echo "== exit codes: unit tests $unit_rc, notebooks $notebooks_rc, second pass $second_rc"
-[ "$unit_rc" -eq 0 ] && [ "$notebooks_rc" -eq 0 ] && [ "$second_rc" -eq 0 ]
+echo "== exit codes: data $data_rc, unit tests $unit_rc, notebooks $notebooks_rc, second pass $second_rc"
+[ "$data_rc" -eq 0 ] && [ "$unit_rc" -eq 0 ] && [ "$notebooks_rc" -eq 0 ] && [ "$second_rc" -eq 0 ]

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kws_utils import config, model, quant
+from kws_utils import config, model, quant, synthetic
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -77,13 +77,16 @@ def test_a_lever_names_only_the_fields_it_sets() -> None:
     assert fields["tts_other_words"] == 4 and fields["time_masks"] == 2
     with pytest.raises(ValueError, match="tts_voices and tts_other_words"):
         choose.candidate((1, 0.85, 1.15, 0.5, 0.25))
+    recipe, fields, _ = choose.candidate((1, 0.85, 1.15, 0.5, 0.25,
+                                          {"tts_voices": 50, "tts_other_words": 4, "aux_words": 12}))
+    assert recipe.aux_words == 12 and fields["aux_words"] == 12
 
 
 def test_a_candidate_without_levers_is_espeak_only_whatever_the_course_uses() -> None:
     choose = _load("scripts/choose_offline_data.py")
     assert config.SYNTH_TTS_SHARE and config.SYNTH_REVERB_SHARE   # the course's recipe has both levers
     recipe, fields, _ = choose.candidate((2, 1.0, 1.0))
-    assert (recipe.reverb_share, recipe.tts_share) == (0.0, 0.0)
+    assert (recipe.reverb_share, recipe.tts_share, recipe.aux_words) == (0.0, 0.0, len(synthetic.AUX_WORDS))
     assert fields == {"aux_repeats": 2, "speed_min": 1.0, "speed_max": 1.0}
 
 

@@ -205,6 +205,32 @@ def test_recipe_sets_takes_and_speed(tmp_path: Path) -> None:
             for job in shard} == {1.0}
 
 
+def test_aux_words_gives_each_speaker_a_seeded_subset_of_the_other_words() -> None:
+    recipe = synthetic.Recipe(aux_words=6, tts_share=0.0)
+    speakers = synthetic.make_speakers(20, 0)
+    jobs = [job for shard in synthetic.train_jobs(speakers, 0, recipe) for job in shard]
+    said = {}
+    for sp in speakers:
+        mine = [job.word for job in jobs if job.speaker == sp.index]
+        others = [w for w in mine if w not in config.KEYWORDS]
+        assert len(others) == 6 == len(set(others)) and set(others) == set(recipe.draw_aux_words(0, sp.index))
+        assert len(mine) - len(others) == len(config.KEYWORDS) * config.SYNTH_KEYWORD_REPEATS
+        said[sp.index] = frozenset(others)
+    assert len(set(said.values())) > 10                     # speakers differ
+    assert set().union(*said.values()) == set(synthetic.AUX_WORDS)   # every word is still said
+    assert synthetic.Recipe(tts_share=0.0).draw_aux_words(0, 3) == synthetic.AUX_WORDS
+    assert synthetic.train_params(5, 0, recipe)["aux_words"] == 6
+    assert "aux_words" not in synthetic.train_params(5, 0, synthetic.Recipe(aux_words=25))
+
+
+@pytest.mark.parametrize("aux_words", [0, 26, 2.5])
+def test_bad_aux_words_is_refused_by_name(aux_words: object, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="recipe.aux_words"):
+        synthetic.generate_dataset(tmp_path / "bad", 3, workers=1,
+                                   recipe=synthetic.Recipe(aux_words=aux_words, tts_share=0.0))
+    assert not (tmp_path / "bad").exists()
+
+
 def test_room_response_decays_in_rt60_with_its_direct_to_reverberant_ratio() -> None:
     rir = synthetic.room_response(0.5, 6.0, np.random.default_rng(0))
     assert rir[0] == 1.0 and rir.size == 8000
