@@ -52,7 +52,7 @@ def float_run(feats: training.FeatureSets, name: str, lr: float, momentum: float
                            per_batch_schedule=per_batch)
     test = training.evaluate(net, feats.test_x, feats.test_y)
     print(f"{name}: test accuracy {test.accuracy:.2%}")
-    return {"name": name, "lr": lr, "momentum": momentum, "per_batch_schedule": per_batch,
+    return {"name": name, "lr": round(lr, 12), "momentum": momentum, "per_batch_schedule": per_batch,
             "epochs": prof.epochs, "seconds": round(time.perf_counter() - start, 1),
             "val_acc": history.val_acc, "val_loss": history.val_loss,
             "test_accuracy": test.accuracy}, net
@@ -91,9 +91,12 @@ def main() -> None:
             float_run(feats, "per-batch cosine schedule", lr, 0.0, True)[0],
             float_run(feats, f"momentum {MOMENTUM} + per-batch (the course's earlier recipe)",
                       lr * (1 - MOMENTUM), MOMENTUM, True)[0]]
+    # The second rate: the profile's int2 departure where it names one, else the course's earlier rate.
+    other = (("the profile's int2 rate (Profile.int2_qat_lr)", prof.int2_qat_lr) if prof.int2_qat_lr
+             else ("the course's earlier int2 rate", INT2_QAT_LR))
     qat_runs = [] if args.skip_qat else [
-        int2_qat_run(ti_net, feats, "int2 QAT at TI's lr / 100 (default)", config.qat_lr_for(8, prof)),
-        int2_qat_run(ti_net, feats, f"int2 QAT at lr {INT2_QAT_LR}", INT2_QAT_LR)]
+        int2_qat_run(ti_net, feats, "int2 QAT at TI's lr / 100", config.qat_lr_for(8, prof)),
+        int2_qat_run(ti_net, feats, f"int2 QAT at {other[0]}", other[1])]
     result = {"profile": prof.name, "dataset": info.kind, "seed": config.SEED,
               "torch_threads": torch.get_num_threads(), "machine": platform.machine(),
               "float": runs, "int2_qat": qat_runs}
