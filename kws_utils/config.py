@@ -51,7 +51,7 @@ COMPLETE_MARKER = ".kws_complete.json"   # written last: a folder without it is 
 # the model called many real keywords "unknown"; speed perturbation helps it hear other voices.
 SYNTH_KEYWORD_REPEATS = 4
 SYNTH_AUX_REPEATS = 1
-# How many of the 25 other words each speaker says (a seeded subset per speaker; 25: all of them).
+# How many of the 25 other words each espeak-ng speaker says (a seeded subset per speaker; 25: all).
 # Fewer words per speaker make "unknown" a smaller share of the training clips.
 SYNTH_AUX_WORDS = 25
 SYNTH_SPEED_RANGE = (0.85, 1.15)
