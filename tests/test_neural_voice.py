@@ -178,3 +178,22 @@ def test_a_voice_of_few_words_says_each_of_them_more_often(tmp_path: Path) -> No
         assert {job.word for job in other} == set(neural_voice.voice_words(0, voice, 4)) - set(config.KEYWORDS)
         # as many "unknown" takes as an espeak-ng speaker, rounded up: 4 words x 7 takes
         assert len(other) == 28 and len({job.relpath for job in mine}) == len(mine)
+
+
+@needs_kokoro
+def test_the_model_file_is_assembled_before_the_workers_start(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    # On a fresh machine each worker would assemble it through the same temporary name and collide.
+    monkeypatch.setenv("KOKORO_JA_CACHE", str(tmp_path / "cache"))
+    seen: list[bool] = []
+
+    class NoPool:
+        def Pool(self, processes: int) -> None:   # noqa: N802 (multiprocessing's name)
+            seen.append(any((tmp_path / "cache").glob("*.onnx")))
+            raise RuntimeError("stop before rendering")
+
+    monkeypatch.setattr(neural_voice.mp, "get_context", lambda method: NoPool())
+    with pytest.raises(RuntimeError, match="stop before rendering"):
+        neural_voice.ensure_bank(2, 0, workers=2, root=tmp_path / "banks", other_words=1)
+    assert seen == [True]
+    assert not list((tmp_path / "cache").glob("*.tmp"))
