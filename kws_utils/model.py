@@ -1,6 +1,7 @@
 """Model: the MLPerf Tiny reference DS-CNN and the arithmetic that describes it."""
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,6 +57,30 @@ class DSCNN(nn.Module):
             x = getattr(self, f"relu{i}1")(getattr(self, f"bn{i}1")(getattr(self, f"depthwise{i}")(x)))
             x = getattr(self, f"relu{i}2")(getattr(self, f"bn{i}2")(getattr(self, f"pointwise{i}")(x)))
         return self.fc6(self.flatten(self.avgpool(self.dropout2(x))))
+
+
+def prior_corrected(net: nn.Module, train_y: torch.Tensor) -> nn.Module:
+    """A copy of ``net`` whose classifier bias expects balanced classes, not the training split's mix."""
+    fc = getattr(net, "fc6", None)
+    if not isinstance(fc, nn.Linear):
+        raise InputTypeError(f"net must be a DS-CNN whose classifier is `fc6` (model.DSCNN), got "
+                             f"{type(net).__name__}.")
+    n = fc.out_features
+    if (not isinstance(train_y, torch.Tensor) or train_y.dtype.is_floating_point or train_y.ndim != 1
+            or len(train_y) == 0 or train_y.min() < 0 or train_y.max() >= n):
+        raise InputError(f"train_y must be the 1-D tensor of class indices 0..{n - 1} the model was trained "
+                         "on (e.g. feats.train_y).")
+    counts = torch.bincount(train_y, minlength=n)
+    if (counts == 0).any():
+        missing = torch.nonzero(counts == 0).flatten().tolist()
+        raise InputError(f"train_y holds no clip of class {missing}: give the labels of the whole training "
+                         "split, so that every class has a prior.")
+    prior = counts.double() / counts.sum()
+    out = copy.deepcopy(net)
+    with torch.no_grad():
+        # A softmax trained on prior p(c) adds log p(c) to each logit; a balanced test set has 1/n.
+        out.fc6.bias -= torch.log(prior * n).to(out.fc6.bias.dtype)
+    return out
 
 
 def check_input(x: torch.Tensor) -> None:

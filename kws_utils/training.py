@@ -419,6 +419,21 @@ def prepare_features(info: "data.DatasetInfo", views: int | None = None,
     )
 
 
+def clean_train_features(info: "data.DatasetInfo") -> torch.Tensor:
+    """MFCC of the training clips without augmentation, cached beside the other features."""
+    splits = data.splits(info)
+    folder = feature_cache_dir(info, splits, config.TIME_MASKS)
+    return features.cached(folder / "train_clean.pt",
+                           lambda: features.compute_features(data.load_clips(splits["train"], desc="load train"),
+                                                             desc="MFCC train (clean)"),
+                           (len(splits["train"]), *config.INPUT_SHAPE))
+
+
+def recognised_by(judge: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """A boolean mask of the clips that ``judge`` classifies as their own label (the realism filter)."""
+    return evaluate(judge, x, y).preds == y
+
+
 SHORT_EPOCHS = 3  # a later notebook run on its own trains this long when notebook 03 has not run
 
 
@@ -460,9 +475,10 @@ def float_model(feats: FeatureSets) -> nn.Module:
         return load_checkpoint(DSCNN(), fallback).eval()
     _shout(warning)
     prof = config.profile()
+    generator = set_seed()   # before the model: its initial weights are drawn too
     net = DSCNN()
     fit(net, feats.train_views, feats.train_y, feats.val_x, feats.val_y, SHORT_EPOCHS, prof.lr,
-        prof.batch_size, set_seed())
+        prof.batch_size, generator)
     save_checkpoint(net, fallback, epochs=SHORT_EPOCHS, source=feats.source, fallback=True)
     return net.eval()
 

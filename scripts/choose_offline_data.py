@@ -97,9 +97,10 @@ def score(root: Path, name: str, recipe: "synthetic.Recipe", seed: int, pool: tu
     generate_s = time.perf_counter() - start
     feats = training.prepare_features(data.DatasetInfo("synthetic", train, test, name),
                                       time_masks=time_masks)
+    generator = training.set_seed(seed)   # before the model: its initial weights are drawn too
     net = DSCNN()
     training.fit(net, feats.train_views, feats.train_y, feats.val_x, feats.val_y, prof.epochs,
-                 prof.lr, prof.batch_size, training.set_seed(seed))
+                 prof.lr, prof.batch_size, generator)
     x, y = pool
     with torch.no_grad():
         pred = net.eval()(x).argmax(1)

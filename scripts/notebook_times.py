@@ -101,7 +101,7 @@ def main() -> int:
         for i, line in enumerate(readme):
             if line.startswith(f"| {key} | [![Open In Colab]"):
                 readme[i] = readme_row(line, seconds)
-    print(f"the six notebooks add up to {exact(total)}")
+    print(f"the notebooks add up to {exact(total)}")
     new_readme = "".join(readme)
     if new_readme != old_readme:
         mismatches.append("README.md: the time table differs from the notebooks' timestamps")

@@ -28,6 +28,7 @@ def main() -> None:
     feats = training.prepare_features(info)
     print(f"features ({config.profile().name} profile): {len(feats.train_y)} training, "
           f"{len(feats.val_y)} validation, {len(feats.test_y)} test clips")
+    training.clean_train_features(info)   # notebook 07's realism filter reads them
     official = real_audio.test_set()
     print(f"{real_audio.describe_test()}: {len(official[1])} clips" if official is not None
           else "official test set: not available (see the line above)")

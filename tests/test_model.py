@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from kws_utils import config, data, model
+from kws_utils.errors import InputError, InputTypeError
 
 REFERENCE = config.mlperf_dir() / "kws_dscnn_pb2pth_checkpoint.pth"
 needs_mlperf = pytest.mark.skipif(not (config.mlperf_dir() / "kws01").is_dir() or not REFERENCE.is_file(),
@@ -74,3 +75,36 @@ def test_receptive_field_and_separable_saving() -> None:
     cmp = model.separable_vs_plain()
     assert cmp["separable"]["params"] == 64 * 9 + 64 + 64 * 64 + 64
     assert 7 < cmp["plain"]["macs"] / cmp["separable"]["macs"] < 9
+
+
+def test_prior_correction_removes_the_training_mix_from_the_bias() -> None:
+    net = model.DSCNN().eval()
+    before = net.fc6.bias.detach().clone()
+    train_y = torch.tensor([11] * 6 + list(range(11)))           # unknown: 6 of 17 clips
+    fixed = model.prior_corrected(net, train_y)
+    x = torch.randn(3, *config.INPUT_SHAPE)
+    shift = fixed(x) - net(x)
+    prior = torch.bincount(train_y, minlength=12).double() / len(train_y)
+    torch.testing.assert_close(shift, -torch.log(prior * 12).float().expand(3, -1), rtol=0, atol=1e-5)
+    assert shift[0, 11] < 0 < shift[0, 0]            # the over-represented class loses, the rare ones gain
+    assert torch.equal(net.fc6.bias, before)          # a copy: the trained model is left as it was
+
+
+def test_a_balanced_training_split_needs_no_correction() -> None:
+    net = model.DSCNN().eval()
+    fixed = model.prior_corrected(net, torch.arange(12).repeat(5))
+    torch.testing.assert_close(fixed.fc6.bias, net.fc6.bias, rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("train_y,match", [(torch.arange(11), "no clip of class \\[11\\]"),
+                                           (torch.arange(12).float(), "train_y must"),
+                                           (torch.tensor([0, 12]), "train_y must"),
+                                           ("labels", "train_y must")])
+def test_bad_prior_labels_are_refused_by_name(train_y: object, match: str) -> None:
+    with pytest.raises(InputError, match=match):
+        model.prior_corrected(model.DSCNN(), train_y)
+
+
+def test_prior_correction_needs_a_dscnn() -> None:
+    with pytest.raises(InputTypeError, match="fc6"):
+        model.prior_corrected(torch.nn.Linear(3, 12), torch.arange(12))

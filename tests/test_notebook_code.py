@@ -1,4 +1,4 @@
-"""The code taught in notebooks 01-04 and the package's code give the same results.
+"""The code taught in the notebooks and the package's code give the same results.
 
 Each taught cell starts with a marker comment, ``# kws-code: <name>``. The test reads the cells with
 nbformat, executes them on small inputs, and compares with kws_utils.features, .model, .training and the
@@ -182,3 +182,25 @@ def test_notebook05_learned_rounding_loop_is_the_package_loop() -> None:
     torch.testing.assert_close(scale.reshape(-1), scale_pkg.reshape(-1), rtol=1e-6, atol=0)
     torch.testing.assert_close(new_bias, bias_pkg, rtol=1e-6, atol=1e-7)
     assert not torch.equal(q, torch.clamp(torch.round(weight / start), -1, 1)), "nothing was learned"
+
+
+def test_notebook07_realism_filter_is_the_package_filter() -> None:
+    (source,) = marked_cells("07_offline_to_real_speech.ipynb", "realism_filter")
+    ns = run_cells([source], {"training": training})
+    torch.manual_seed(0)
+    judge, x = model.DSCNN().eval(), torch.randn(40, *config.INPUT_SHAPE)
+    y = judge(x).argmax(1).detach()
+    y[::3] = (y[::3] + 1) % 12   # a third of the labels disagree with the judge
+    mask = ns["recognised_by"](judge, x, y)
+    assert torch.equal(mask, training.recognised_by(judge, x, y))
+    assert 0 < mask.sum() < len(mask)
+
+
+def test_notebook07_prior_correction_is_the_package_correction() -> None:
+    (source,) = marked_cells("07_offline_to_real_speech.ipynb", "prior_correction")
+    ns = run_cells([source], {"torch": torch, "config": config, "model": model})
+    net = model.DSCNN().eval()
+    train_y = torch.cat([torch.arange(12), torch.full((30,), config.UNKNOWN_INDEX), torch.zeros(5, dtype=torch.long)])
+    mine, package = ns["prior_corrected"](net, train_y), model.prior_corrected(net, train_y)
+    torch.testing.assert_close(mine.fc6.bias, package.fc6.bias, rtol=0, atol=1e-6)
+    assert not torch.allclose(mine.fc6.bias, net.fc6.bias)

@@ -18,8 +18,8 @@ PATHS = sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
 INSTALL = f"kws_utils @ git+{config.COURSE_REPO_URL}.git@{config.COURSE_BRANCH}"
 
 
-def test_all_six_notebooks_are_there() -> None:
-    assert [p.name[:2] for p in PATHS] == ["01", "02", "03", "04", "05", "06"]
+def test_all_seven_notebooks_are_there() -> None:
+    assert [p.name[:2] for p in PATHS] == ["01", "02", "03", "04", "05", "06", "07"]
 
 
 @pytest.mark.parametrize("path", PATHS, ids=lambda p: p.name[:2])

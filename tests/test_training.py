@@ -211,3 +211,15 @@ def test_per_batch_schedule_and_momentum_are_options() -> None:
         assert history.lr[0] == 0.05 and history.lr[1] == pytest.approx(0.025)
     optimizer, scheduler = training.make_optimizer(model.DSCNN(), 0.05, 2, 4, 0.9, True)
     assert scheduler.T_max == 8 and optimizer.defaults["momentum"] == 0.9
+
+
+def test_recognised_by_keeps_the_clips_the_judge_gets_right() -> None:
+    class Judge(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:   # says class 3 when the first value is > 0
+            out = torch.zeros(len(x), 12)
+            out[:, 3] = x[:, 0, 0, 0]
+            return out
+    x = torch.zeros(4, *config.INPUT_SHAPE)
+    x[[0, 2], 0, 0, 0] = 1.0
+    keep = training.recognised_by(Judge(), x, torch.tensor([3, 3, 5, 0]))
+    assert keep.tolist() == [True, False, False, True]   # clip 1 says 0 (a tie, argmax), labelled 3
