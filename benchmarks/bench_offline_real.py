@@ -36,7 +36,6 @@ def run(tts_share: float | None = None, reverb_share: float | None = None,
         os.environ.update(KWS_DATA_ROOT=str(Path(tmp) / "data"), KWS_OUTPUT=str(Path(tmp) / "out"),
                           KWS_DATASET="synthetic")
         from kws_utils import config, data, mlperf, real_audio, synthetic, training
-        from kws_utils.model import DSCNN
 
         prof = config.profile()
         share = config.SYNTH_TTS_SHARE if tts_share is None else tts_share
@@ -50,8 +49,7 @@ def run(tts_share: float | None = None, reverb_share: float | None = None,
                                  prof.synth_test_per_class, config.SEED, recipe=recipe)
         info = data.DatasetInfo("synthetic", *dirs, f"offline dataset, neural voices {share}, rooms {reverb}")
         feats, features_s = timed(training.prepare_features, info)
-        generator = training.set_seed()   # before the model: its initial weights are drawn too
-        net = DSCNN()
+        net, generator = training.seeded_model()
         _, train_s = timed(training.fit, net, feats.train_views, feats.train_y, feats.val_x,
                            feats.val_y, prof.epochs, prof.lr, prof.batch_size, generator)
         figures = {
@@ -84,8 +82,7 @@ def notebook07(net: "torch.nn.Module", info: "data.DatasetInfo", feats: "trainin
     prof = config.profile()
     keep, filter_s = timed(lambda: training.recognised_by(model.reference_model(),
                                                           training.clean_train_features(info), feats.train_y))
-    generator = training.set_seed()
-    filtered = model.DSCNN()
+    filtered, generator = training.seeded_model()
     _, train_s = timed(training.fit, filtered, [v[keep] for v in feats.train_views], feats.train_y[keep],
                        feats.val_x, feats.val_y, prof.epochs, prof.lr, prof.batch_size, generator)
     scored = {"prior_corrected": model.prior_corrected(net, feats.train_y), "filtered": filtered,

@@ -32,6 +32,12 @@ def set_seed(seed: int = config.SEED) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def seeded_model(seed: int = config.SEED) -> tuple[DSCNN, torch.Generator]:
+    """A fresh DS-CNN whose initial weights are drawn after seeding, and that seed's data-order generator."""
+    generator = set_seed(seed)   # first: building the model draws its initial weights
+    return DSCNN(), generator
+
+
 class Batches:
     """Mini-batches straight from in-memory feature tensors (no per-sample collate)."""
 
@@ -475,8 +481,7 @@ def float_model(feats: FeatureSets) -> nn.Module:
         return load_checkpoint(DSCNN(), fallback).eval()
     _shout(warning)
     prof = config.profile()
-    generator = set_seed()   # before the model: its initial weights are drawn too
-    net = DSCNN()
+    net, generator = seeded_model()
     fit(net, feats.train_views, feats.train_y, feats.val_x, feats.val_y, SHORT_EPOCHS, prof.lr,
         prof.batch_size, generator)
     save_checkpoint(net, fallback, epochs=SHORT_EPOCHS, source=feats.source, fallback=True)

@@ -87,7 +87,6 @@ def score(root: Path, name: str, recipe: "synthetic.Recipe", seed: int, pool: tu
     import torch
 
     from kws_utils import config, data, synthetic, training
-    from kws_utils.model import DSCNN
 
     prof = config.profile()
     start = time.perf_counter()
@@ -97,8 +96,7 @@ def score(root: Path, name: str, recipe: "synthetic.Recipe", seed: int, pool: tu
     generate_s = time.perf_counter() - start
     feats = training.prepare_features(data.DatasetInfo("synthetic", train, test, name),
                                       time_masks=time_masks)
-    generator = training.set_seed(seed)   # before the model: its initial weights are drawn too
-    net = DSCNN()
+    net, generator = training.seeded_model(seed)
     training.fit(net, feats.train_views, feats.train_y, feats.val_x, feats.val_y, prof.epochs,
                  prof.lr, prof.batch_size, generator)
     x, y = pool

@@ -35,8 +35,7 @@ def main(seeds: list[int]) -> None:
     keep = training.recognised_by(model.reference_model(), training.clean_train_features(info), feats.train_y)
     for seed in seeds:
         for name, mask in (("every clip", torch.ones_like(keep)), ("realism-filtered", keep)):
-            generator = training.set_seed(seed)   # before the model: its initial weights are drawn too
-            net = model.DSCNN()
+            net, generator = training.seeded_model(seed)
             training.fit(net, [v[mask] for v in feats.train_views], feats.train_y[mask], feats.val_x,
                          feats.val_y, prof.epochs, prof.lr, prof.batch_size, generator)
             for label, m in ((name, net), (f"{name} + prior correction", model.prior_corrected(net, feats.train_y[mask]))):

@@ -44,8 +44,7 @@ def float_run(feats: training.FeatureSets, name: str, lr: float, momentum: float
               per_batch: bool) -> tuple[dict, DSCNN]:
     """Train one float DS-CNN with the profile's epochs; its settings, curves and test accuracy."""
     prof = config.profile()
-    generator = training.set_seed(config.SEED)   # before the model: its initial weights are drawn too
-    net = DSCNN()
+    net, generator = training.seeded_model(config.SEED)
     start = time.perf_counter()
     history = training.fit(net, feats.train_views, feats.train_y, feats.val_x, feats.val_y,
                            epochs=prof.epochs, lr=lr, batch_size=prof.batch_size,

@@ -223,3 +223,11 @@ def test_recognised_by_keeps_the_clips_the_judge_gets_right() -> None:
     x[[0, 2], 0, 0, 0] = 1.0
     keep = training.recognised_by(Judge(), x, torch.tensor([3, 3, 5, 0]))
     assert keep.tolist() == [True, False, False, True]   # clip 1 says 0 (a tie, argmax), labelled 3
+
+
+def test_a_seeded_model_starts_from_the_same_weights_and_data_order() -> None:
+    (a, gen_a), (b, gen_b) = training.seeded_model(7), training.seeded_model(7)
+    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+    assert torch.equal(torch.randperm(50, generator=gen_a), torch.randperm(50, generator=gen_b))
+    c, _ = training.seeded_model(8)
+    assert not torch.equal(a.conv1.weight, c.conv1.weight)
