@@ -19,6 +19,8 @@ EDGE_LAYERS = ("conv1", "fc6")
 # keeping them 8-bit too lifted held-out pool accuracy on every calibration subset
 # (benchmarks/bench_int2_mixed.py).
 DEPTHWISE_LAYERS = tuple(f"depthwise{i}" for i in range(2, 6))
+# The mixed-precision choices the scripts' --keep-8bit options name: which layers keep 8-bit weights.
+KEEP_8BIT = {"none": (), "edges": EDGE_LAYERS, "edges_dw": EDGE_LAYERS + DEPTHWISE_LAYERS}
 
 
 class DSCNN(nn.Module):

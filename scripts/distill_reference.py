@@ -38,8 +38,7 @@ from kws_utils.quant import distill  # noqa: E402
 
 NOISE_CROPS = 600          # 1-s crops of the real background-noise recordings
 VAL_FRACTION = 0.25        # of the pool, held out for validation (labels used only to score it)
-KEEP_8BIT = {"none": (), "edges": kws_model.EDGE_LAYERS,
-             "edges_dw": kws_model.EDGE_LAYERS + kws_model.DEPTHWISE_LAYERS}
+KEEP_8BIT = kws_model.KEEP_8BIT
 
 
 def results_path(name: str = "distill_reference") -> Path:

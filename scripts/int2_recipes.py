@@ -9,12 +9,17 @@ picks the recipe on the validation split.
 
     python scripts/int2_recipes.py                          # default profile: 3-4 min per recipe on 2 cores
     python scripts/int2_recipes.py --only "TI's plain recipe" ...   # a subset, by name; other rows are kept
+    python scripts/int2_recipes.py --keep-8bit edges        # the same recipes with conv1 and fc6 8-bit
+
+``--keep-8bit`` (``model.KEEP_8BIT``: ``edges``, ``edges_dw``) keeps those layers' weights 8-bit (TI's
+``mixed_precision``) in the learned-rounding baseline and in every candidate; its rows go to their
+own results file, so that notebook 05's all-int2 table never mixes with them.
 
 Kept rows that started from learned rounding are marked ``earlier_start`` when learned-rounding PTQ
 now scores differently (the rounding method changed since they ran): notebook 05 labels them and
 picks its recipe among the others.
 
-Writes output/int2_recipes/<profile>_<dataset>.json (see results_path).
+Writes output/int2_recipes/<profile>_<dataset>[_8bit_<choice>].json (see results_path).
 """
 from __future__ import annotations
 
@@ -32,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from kws_utils import config, data, export as kws_export, files, quant, real_audio, training  # noqa: E402
+from kws_utils import config, data, export as kws_export, files, model as kws_model, quant, real_audio, training  # noqa: E402
 from kws_utils.quant import distill  # noqa: E402
 
 BITS = 2
@@ -87,9 +92,10 @@ RECIPES = (
 )
 
 
-def results_path(profile: str, dataset: str) -> Path:
-    """Where the comparison of one profile and dataset is saved."""
-    return config.output_dir() / "int2_recipes" / f"{profile}_{dataset}.json"
+def results_path(profile: str, dataset: str, keep_8bit: str = "none") -> Path:
+    """Where the comparison of one profile, dataset and mixed-precision choice is saved."""
+    suffix = "" if keep_8bit == "none" else f"_8bit_{keep_8bit}"
+    return config.output_dir() / "int2_recipes" / f"{profile}_{dataset}{suffix}.json"
 
 
 def converged(val_acc: list[float], spread: float = config.CONVERGED_SPREAD) -> bool:
@@ -97,16 +103,18 @@ def converged(val_acc: list[float], spread: float = config.CONVERGED_SPREAD) -> 
     return len(val_acc) >= 3 and max(val_acc[-3:]) - min(val_acc[-3:]) <= spread
 
 
-def onnx_path(name: str) -> Path:
-    """Where a recipe's integer ONNX file is written (named after the recipe)."""
+def onnx_path(name: str, keep_8bit: tuple[str, ...] = ()) -> Path:
+    """Where a recipe's integer ONNX file is written (named after the recipe and its 8-bit layers)."""
     slug = "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_")
+    if keep_8bit:   # another file than the all-int2 recipe's of the same name
+        slug += "_8bit_" + "_".join(keep_8bit)
     return config.output_dir() / "int2_recipes" / "onnx" / f"{slug}.onnx"
 
 
 def score_onnx(wrapper: nn.Module, name: str, feats: training.FeatureSets,
-               real: tuple[torch.Tensor, torch.Tensor] | None) -> dict:
+               real: tuple[torch.Tensor, torch.Tensor] | None, keep_8bit: tuple[str, ...] = ()) -> dict:
     """Export a converted wrapper's integer ONNX and score it on the test split and real test set."""
-    path = quant.export_integer(wrapper, onnx_path(name))
+    path = quant.export_integer(wrapper, onnx_path(name, keep_8bit))
     acc, identical = quant.onnx_check(quant.integer_module(wrapper), path, feats.test_x, feats.test_y)
     real_acc = None if real is None else kws_export.onnx_accuracy(path, *real)
     return {"onnx": path.name, "onnx_test_accuracy": acc, "onnx_identical_to_torch": identical,
@@ -122,14 +130,14 @@ def gap_record(fake: nn.Module, path: Path, feats: training.FeatureSets) -> dict
 
 def run_recipe(recipe: Recipe, model: nn.Module, feats: training.FeatureSets,
                real: tuple[torch.Tensor, torch.Tensor] | None, calib_x: torch.Tensor,
-               epochs: int, base_lr: float, batch_size: int) -> dict:
+               epochs: int, base_lr: float, batch_size: int, keep_8bit: tuple[str, ...] = ()) -> dict:
     """Train one candidate from ``model`` (also the teacher); its curve, time and ONNX scores."""
     start = time.perf_counter()
     lr = base_lr * recipe.lr_factor
     epochs = recipe.epochs or epochs
     try:
-        init = distill.rounded_start(model, BITS, calib_x) if recipe.rounded_start else model
-        wrapper = distill.qat_wrapper(init, BITS, epochs)
+        init = distill.rounded_start(model, BITS, calib_x, keep_8bit=keep_8bit) if recipe.rounded_start else model
+        wrapper = distill.qat_wrapper(init, BITS, epochs, keep_8bit)
         if recipe.match_integer:
             quant.match_integer_model(wrapper)
         if recipe.kd_temperature is None:   # quant.qat's steps, unrolled to score the fake-quant model
@@ -145,8 +153,8 @@ def run_recipe(recipe: Recipe, model: nn.Module, feats: training.FeatureSets,
         fake = quant.match_integer_model(copy.deepcopy(wrapper))
         fake_acc = quant.accuracy(fake, feats.test_x, feats.test_y)
         wrapper.convert()   # TI's convert() turns the wrapper itself into the integer model
-        scores = score_onnx(wrapper, recipe.name, feats, real)
-        scores.update(gap_record(fake, onnx_path(recipe.name), feats))
+        scores = score_onnx(wrapper, recipe.name, feats, real, keep_8bit)
+        scores.update(gap_record(fake, onnx_path(recipe.name, keep_8bit), feats))
     except FloatingPointError as err:   # a diverged run is a result too
         return {**asdict(recipe), "epochs": epochs, "lr": lr, "diverged": str(err)}
     out = {**asdict(recipe), "epochs": epochs, "lr": lr, "backend": type(wrapper).__module__,
@@ -158,17 +166,18 @@ def run_recipe(recipe: Recipe, model: nn.Module, feats: training.FeatureSets,
 
 
 def baselines(model: nn.Module, feats: training.FeatureSets,
-              real: tuple[torch.Tensor, torch.Tensor] | None, calib_x: torch.Tensor) -> dict:
+              real: tuple[torch.Tensor, torch.Tensor] | None, calib_x: torch.Tensor,
+              keep_8bit: tuple[str, ...] = ()) -> dict:
     """The float model and learned-rounding PTQ (calibrated on validation inputs), same scoring."""
     real_float = None if real is None else quant.accuracy(model, *real)
     start = time.perf_counter()
-    ptq = quant.ptq_learned(model, BITS, calib_x, progress=False)
+    ptq = quant.ptq_learned(model, BITS, calib_x, progress=False, keep_8bit=keep_8bit)
     seconds = time.perf_counter() - start
     print(f"learned-rounding PTQ: {seconds:.0f} s", flush=True)
     return {"float_test_accuracy": quant.accuracy(model, feats.test_x, feats.test_y),
             "float_real_test_accuracy": real_float,
             "learned_rounding_ptq": {"seconds": round(seconds, 1),
-                                     **score_onnx(ptq, "learned rounding ptq", feats, real)}}
+                                     **score_onnx(ptq, "learned rounding ptq", feats, real, keep_8bit)}}
 
 
 def kept_rows(path: Path, result: dict, rerun: set[str]) -> dict[str, dict]:
@@ -183,6 +192,7 @@ def kept_rows(path: Path, result: dict, rerun: set[str]) -> dict[str, dict]:
         earlier = json.loads(path.read_text())
         same = all(earlier.get(k) == result[k] for k in ("profile", "dataset", "seed", "bits",
                                                          "float_test_accuracy"))
+        same = same and earlier.get("weights_8bit", []) == result.get("weights_8bit", [])
         earlier_ptq = earlier["learned_rounding_ptq"]["onnx_test_accuracy"]
     except (ValueError, KeyError, TypeError, AttributeError):
         print(f"{path}: not a results file of this script; it will be replaced by this run's rows")
@@ -206,7 +216,14 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", help="recipe names to run (default: all)")
     parser.add_argument("--epochs", type=int, help="QAT epochs (default: TI's rule, capped by the profile)")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's own choice)")
+    parser.add_argument("--keep-8bit", choices=sorted(kws_model.KEEP_8BIT), default="none",
+                        help="layers whose weights stay 8-bit (default none: every layer int2)")
     args = parser.parse_args()
+    chosen = [r for r in RECIPES if not args.only or r.name in args.only]
+    unknown = set(args.only or ()) - {r.name for r in RECIPES}
+    if unknown:
+        parser.error(f"--only {sorted(unknown)}: no such recipe; the names are those of RECIPES in this script")
+    keep = kws_model.KEEP_8BIT[args.keep_8bit]
     if args.threads:
         torch.set_num_threads(args.threads)
     prof = config.profile()
@@ -216,19 +233,18 @@ def main() -> None:
     real = real_audio.test_set(download=False)
     calib_x = quant.calibration_subset(feats.val_x, prof.calib_clips)
     epochs = args.epochs or config.qat_epochs_for(BITS, prof)
-    chosen = [r for r in RECIPES if not args.only or r.name in args.only]
     result = {"profile": prof.name, "dataset": info.kind, "seed": config.SEED, "bits": BITS,
               "trained_on": f"{info.kind} training split", "calibrated_on": f"{info.kind} validation split",
               "scored_on": [f"{info.kind} test split", real_audio.describe_test() if real else None],
-              "torch_threads": torch.get_num_threads(), "machine": platform.machine(),
+              "torch_threads": torch.get_num_threads(), "machine": platform.machine(), "weights_8bit": list(keep),
               "learned_rounding": {"steps": prof.rounding_iters, "reg": quant.rounding.REG,
                                    "lr": quant.rounding.LR},
-              **baselines(model, feats, real, calib_x), "recipes": []}
-    path = results_path(prof.name, info.kind)
+              **baselines(model, feats, real, calib_x, keep), "recipes": []}
+    path = results_path(prof.name, info.kind, args.keep_8bit)
     rows = kept_rows(path, result, {r.name for r in chosen})
     for recipe in chosen:   # the file is rewritten after each recipe: a long run keeps what it did
         rows[recipe.name] = run_recipe(recipe, model, feats, real, calib_x, epochs,
-                                       prof.qat_lr, prof.batch_size)   # factors of TI's rate, not a departure
+                                       prof.qat_lr, prof.batch_size, keep)   # factors of TI's rate, not a departure
         result["recipes"] = [rows[r.name] for r in RECIPES if r.name in rows]
         files.write_text(path, json.dumps(result, indent=1))
     print(f"wrote {path}")

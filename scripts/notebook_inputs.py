@@ -7,16 +7,27 @@ Order matters: int2_recipes.py starts from notebook 03's model, so for a fresh m
 01-03 (default profile), then the commands this script prints, then `make notebooks`.
 
     python scripts/notebook_inputs.py        # list what is missing; exit 1 if anything is
+    python scripts/notebook_inputs.py --run  # make what is missing, in order (hours on 2 cores); resumable
+
+``--run`` runs the missing commands one after the other, each alone on the machine (their results
+record times and thread counts), and stops at the first that fails. Files already there are kept, so
+an interrupted run goes on where it stopped. It refuses to start the rows that train from notebook
+03's model before that model exists: they would start from a short stand-in.
 """
 from __future__ import annotations
 
+import argparse
+import os
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from kws_utils import config  # noqa: E402
 
+REPO = Path(__file__).resolve().parent.parent
 DISTILL = "python scripts/distill_reference.py --bits 2 --seeds 0 1 2 3 4 --threads 2"   # 5 seeds, about 1-2 min each
 # (results file under config.output_dir() for the default profile and the offline dataset,
 #  the notebook that prints it, the command that writes it)
@@ -41,8 +52,45 @@ def missing(root: Path | None = None) -> list[tuple[str, str, str]]:
     return [row for row in INPUTS if not (root / row[0]).is_file()]
 
 
+# Results files that start from notebook 03's saved model (default profile, offline dataset).
+FROM_NOTEBOOK_03 = ("int2_qat_lr/default_synthetic.json", "int2_recipes/default_synthetic.json")
+
+
+def notebook03_model(root: Path | None = None) -> Path:
+    """Notebook 03's checkpoint on the default profile and the offline dataset, under ``root``."""
+    root = config.output_dir() if root is None else root
+    return root / "artifacts" / "default" / "synthetic" / "kws_float_synthetic.pth"
+
+
+def run_missing(root: Path | None = None) -> int:
+    """Run the commands of the missing files in INPUTS' order; the first failing exit code, else 0."""
+    root = config.output_dir() if root is None else root
+    todo = missing(root)
+    if any(name in FROM_NOTEBOOK_03 for name, _, _ in todo) and not notebook03_model(root).is_file():
+        print(f"{notebook03_model(root)} is missing: run notebooks 01-03 on the default profile first "
+              "(KWS_PROFILE=default make notebooks stops here, so execute 03 on its own), then --run again.")
+        return 1
+    # `python` in a command is this interpreter (the course's .venv when run through make).
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    for i, (name, _, command) in enumerate(todo, 1):
+        print(f"[{i}/{len(todo)}] {name}: {command}", flush=True)
+        start = time.perf_counter()
+        code = subprocess.run(["bash", "-c", command], cwd=REPO, env=env).returncode
+        print(f"[{i}/{len(todo)}] exit {code} after {time.perf_counter() - start:.0f} s", flush=True)
+        if code != 0:
+            return code
+        if not (root / name).is_file():
+            print(f"{command} ended without writing {root / name}")
+            return 1
+    return 0
+
+
 def main() -> int:
-    """Print the missing results files with their commands; 1 if any is missing."""
+    """Print the missing results files with their commands (or run them); 1 if any is missing."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", action="store_true", help="run the missing commands in order")
+    if parser.parse_args().run:
+        return run_missing()
     absent = missing()
     for name, notebook, command in absent:
         print(f"missing {config.output_dir() / name} (notebook {notebook} prints it): {command}")

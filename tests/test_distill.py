@@ -148,6 +148,26 @@ def test_int2_recipe_runs_end_to_end(monkeypatch, tmp_path) -> None:
     assert 0 <= out["fake_quant_test_accuracy"] <= 1
 
 
+def test_int2_recipe_keeps_the_chosen_layers_8bit(monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("KWS_OUTPUT", str(tmp_path))
+    monkeypatch.setenv("KWS_QUANT_BACKEND", "course")
+    monkeypatch.setenv("KWS_PROFILE", "ci")
+    sys.path.insert(0, str(SCRIPTS))
+    recipes = importlib.import_module("int2_recipes")
+    torch.manual_seed(3)
+    x, y = torch.randn(40, *config.INPUT_SHAPE), torch.randint(0, 12, (40,))
+    feats = training.FeatureSets("synthetic", [x], y, x[:20], y[:20], x[20:], y[20:])
+    recipe = recipes.Recipe("tiny", kd_temperature=4.0, rounded_start=True, freeze_bn_epoch=0)
+    keep = model.KEEP_8BIT["edges"]
+    out = recipes.run_recipe(recipe, _teacher(), feats, None, feats.val_x, 1, 0.01, 20, keep)
+    npu = tinpu_onnx.load_integer_onnx(tmp_path / "int2_recipes" / "onnx" / out["onnx"])
+    bits = {layer.name: layer.weight_bits for layer in npu.layers if layer.weight is not None}
+    assert {name for name, b in bits.items() if b == 8} == set(keep) and set(bits.values()) == {2, 8}
+    assert out["onnx"] != recipes.onnx_path("tiny").name   # never overwrites the all-int2 file
+    assert recipes.results_path("ci", "synthetic", "edges").name == "ci_synthetic_8bit_edges.json"
+    assert recipes.results_path("ci", "synthetic").name == "ci_synthetic.json"
+
+
 def test_distill_reference_mixed_precision_runs_end_to_end(monkeypatch, tmp_path) -> None:
     monkeypatch.setenv("KWS_OUTPUT", str(tmp_path))
     monkeypatch.setenv("KWS_QUANT_BACKEND", "course")

@@ -127,3 +127,29 @@ def test_notebook_inputs_names_files_the_notebooks_read(tmp_path: Path) -> None:
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text("{}")
     assert inputs.missing(tmp_path) == []
+
+
+def test_notebook_inputs_run_makes_what_is_missing_in_order_and_stops_at_a_failure(monkeypatch, tmp_path: Path) -> None:
+    import importlib
+    import sys
+
+    sys.path.insert(0, str(config.REPO_ROOT / "scripts"))
+    inputs = importlib.import_module("notebook_inputs")
+    log = tmp_path / "order.txt"
+    write = "python -c \"import pathlib, sys; p = pathlib.Path(sys.argv[1]); p.parent.mkdir(parents=True, " \
+            f"exist_ok=True); p.write_text('{{}}'); open(r'{log}', 'a').write(sys.argv[1] + ' ')\" {tmp_path}/"
+    rows = (("a.json", "03", write + "a.json"), (inputs.FROM_NOTEBOOK_03[0], "05", write + inputs.FROM_NOTEBOOK_03[0]),
+            ("c.json", "05", "exit 3"), ("d.json", "05", write + "d.json"))
+    monkeypatch.setattr(inputs, "INPUTS", rows)
+    assert inputs.run_missing(tmp_path) == 1 and not log.exists()   # notebook 03's model first
+    model = inputs.notebook03_model(tmp_path)
+    model.parent.mkdir(parents=True)
+    model.write_text("")
+    assert inputs.run_missing(tmp_path) == 3   # the failing command's exit code; d.json never ran
+    assert log.read_text().split() == [str(tmp_path / "a.json"), str(tmp_path / inputs.FROM_NOTEBOOK_03[0])]
+    assert not (tmp_path / "d.json").exists()
+    monkeypatch.setattr(inputs, "INPUTS", rows[:2] + rows[3:])
+    assert inputs.run_missing(tmp_path) == 0   # resumes: only d.json is made this time
+    assert log.read_text().split()[2:] == [str(tmp_path / "d.json")]
+    monkeypatch.setattr(inputs, "INPUTS", (("e.json", "03", "true"),))
+    assert inputs.run_missing(tmp_path) == 1   # a command that writes nothing is a failure
