@@ -122,12 +122,17 @@ def test_rounded_start_rounds_to_the_learned_integers() -> None:
         torch.testing.assert_close(folded, q.float() * scale, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_int2_recipe_runs_end_to_end(monkeypatch, tmp_path) -> None:
+def _ci_script(name: str, monkeypatch, tmp_path: Path):
+    """A script module of scripts/, imported to write under ``tmp_path`` with the CI profile and the course backend."""
     monkeypatch.setenv("KWS_OUTPUT", str(tmp_path))
     monkeypatch.setenv("KWS_QUANT_BACKEND", "course")
     monkeypatch.setenv("KWS_PROFILE", "ci")   # 100 learned-rounding steps per layer
     sys.path.insert(0, str(SCRIPTS))
-    recipes = importlib.import_module("int2_recipes")
+    return importlib.import_module(name)
+
+
+def test_int2_recipe_runs_end_to_end(monkeypatch, tmp_path) -> None:
+    recipes = _ci_script("int2_recipes", monkeypatch, tmp_path)
     torch.manual_seed(1)
     x = [torch.randn(60, *config.INPUT_SHAPE)]
     y = torch.randint(0, 12, (60,))
@@ -149,11 +154,7 @@ def test_int2_recipe_runs_end_to_end(monkeypatch, tmp_path) -> None:
 
 
 def test_int2_recipe_keeps_the_chosen_layers_8bit(monkeypatch, tmp_path) -> None:
-    monkeypatch.setenv("KWS_OUTPUT", str(tmp_path))
-    monkeypatch.setenv("KWS_QUANT_BACKEND", "course")
-    monkeypatch.setenv("KWS_PROFILE", "ci")
-    sys.path.insert(0, str(SCRIPTS))
-    recipes = importlib.import_module("int2_recipes")
+    recipes = _ci_script("int2_recipes", monkeypatch, tmp_path)
     torch.manual_seed(3)
     x, y = torch.randn(40, *config.INPUT_SHAPE), torch.randint(0, 12, (40,))
     feats = training.FeatureSets("synthetic", [x], y, x[:20], y[:20], x[20:], y[20:])
@@ -169,11 +170,7 @@ def test_int2_recipe_keeps_the_chosen_layers_8bit(monkeypatch, tmp_path) -> None
 
 
 def test_distill_reference_mixed_precision_runs_end_to_end(monkeypatch, tmp_path) -> None:
-    monkeypatch.setenv("KWS_OUTPUT", str(tmp_path))
-    monkeypatch.setenv("KWS_QUANT_BACKEND", "course")
-    monkeypatch.setenv("KWS_PROFILE", "ci")
-    sys.path.insert(0, str(SCRIPTS))
-    script = importlib.import_module("distill_reference")
+    script = _ci_script("distill_reference", monkeypatch, tmp_path)
     keep = script.KEEP_8BIT["edges_dw"]
     assert set(keep) == set(model.EDGE_LAYERS + model.DEPTHWISE_LAYERS)
     torch.manual_seed(2)
