@@ -37,7 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from kws_utils import config, data, export as kws_export, files, model as kws_model, quant, real_audio, training  # noqa: E402
+from kws_utils import config, data, export as kws_export, files, quant, real_audio, training  # noqa: E402
+from kws_utils import model as kws_model  # noqa: E402
 from kws_utils.quant import distill  # noqa: E402
 
 BITS = 2

@@ -23,11 +23,11 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
 
 from kws_utils import config  # noqa: E402
 
-REPO = Path(__file__).resolve().parent.parent
 DISTILL = "python scripts/distill_reference.py --bits 2 --seeds 0 1 2 3 4 --threads 2"   # 5 seeds, about 1-2 min each
 # (results file under config.output_dir() for the default profile and the offline dataset,
 #  the notebook that prints it, the command that writes it)
