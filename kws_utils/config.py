@@ -68,6 +68,14 @@ SYNTH_TTS_SHARE = 0.25
 SYNTH_TTS_OTHER_WORDS = 4
 # SpecAugment-style time masks per clip in the augmented training views (features.time_mask; 0: none).
 TIME_MASKS = 0
+# Two steps between the offline dataset and the model notebook 03 trains, for the synthetic dataset
+# only (on the real one the MLPerf reference has heard the training clips, and TI trains on them all):
+# keep the training clips the MLPerf reference recognizes (training.realism_filter), and move the
+# classifier bias from the training split's class mix to balanced classes (model.prior_corrected).
+# Both were chosen on the real calibration pool, never on the test set: notebook 07 compares the four
+# combinations there, and scripts/notebook07_seeds.py repeats that with other seeds.
+REALISM_FILTER = True
+PRIOR_CORRECTION = True
 
 SAMPLE_RATE = 16_000
 CLIP_SAMPLES = 16_000          # 1 s clips
