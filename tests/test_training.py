@@ -179,11 +179,10 @@ def test_feature_cache_key_changes_with_augmentation_settings(
 def test_default_recipe_is_tis() -> None:
     prof = config.PROFILES["default"]
     assert prof.momentum == 0 and not prof.per_batch_schedule
-    assert config.qat_lr_for(4, prof) == config.qat_lr_for(8, prof) == prof.lr / 100
-    # The two named departures of the default profile: TI's rule gives 100 QAT epochs below 8 bits,
-    # and TI's int2 QAT rate diverged (scripts/choose_int2_qat_lr.py chose a lower one on validation).
+    # TI's QAT rate at every bit width: scripts/choose_int2_qat_lr.py chose TI's int2 rate on validation.
+    assert config.qat_lr_for(2, prof) == config.qat_lr_for(4, prof) == config.qat_lr_for(8, prof) == prof.lr / 100
+    # The one named departure of the default profile: TI's rule gives 100 QAT epochs below 8 bits.
     assert prof.qat_epochs_cap == 5 and config.qat_epochs_for(2, prof) == 5
-    assert config.qat_lr_for(2, prof) == prof.int2_qat_lr < prof.lr / 100
     uncapped = dataclasses.replace(prof, qat_epochs_cap=None)
     assert config.qat_epochs_for(8, uncapped) == max(prof.epochs // 2, 5)
     assert config.qat_epochs_for(4, uncapped) == config.qat_epochs_for(2, uncapped) == prof.epochs * 10
