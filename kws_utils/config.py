@@ -68,6 +68,14 @@ SYNTH_TTS_SHARE = 0.25
 SYNTH_TTS_OTHER_WORDS = 4
 # SpecAugment-style time masks per clip in the augmented training views (features.time_mask; 0: none).
 TIME_MASKS = 0
+# Two steps between the offline dataset and the model notebook 03 trains, for the synthetic dataset
+# only (on the real one the MLPerf reference has heard the training clips, and TI trains on them all):
+# keep the training clips the MLPerf reference recognizes (training.realism_filter), and move the
+# classifier bias from the training split's class mix to balanced classes (model.prior_corrected).
+# Both were chosen on the real calibration pool, never on the test set: notebook 07 compares the four
+# combinations there, and scripts/notebook07_seeds.py repeats that with other seeds.
+REALISM_FILTER = True
+PRIOR_CORRECTION = True
 
 SAMPLE_RATE = 16_000
 CLIP_SAMPLES = 16_000          # 1 s clips
@@ -168,12 +176,11 @@ def qat_lr_for(weight_bits: int, prof: "Profile") -> float:
 # qat_epochs_cap on the default profile is a departure: TI's rule gives 100 QAT epochs below 8
 # bits, hours on a laptop CPU; 5 keeps notebook 05 to minutes (notebook 05 states it).
 PROFILES = {
-    # Departure: on the offline dataset with neural voices and rooms, TI's int2 QAT rate (0.005)
-    # went to NaN in the second epoch (2026-12-02); scripts/choose_int2_qat_lr.py then chose 0.0025
-    # on the validation split over 0.001 (last validation epoch 53.3 % against 39.2 %; notebook 05 prints it).
+    # int2 QAT at TI's rate: scripts/choose_int2_qat_lr.py chose it on the validation split from
+    # notebook 03's realism-filtered, prior-corrected model (2026-12-04; notebook 05 prints the runs).
+    # From the model trained on every clip, that rate had gone to NaN and 0.0025 was used.
     "default": Profile("default", synth_speakers=600, synth_test_per_class=408, epochs=10,
-                       batch_size=100, lr=0.5, aug_views=4, calib_clips=1000, qat_epochs_cap=5,
-                       int2_qat_lr=0.0025),
+                       batch_size=100, lr=0.5, aug_views=4, calib_clips=1000, qat_epochs_cap=5),
     # The workshop profile teaches the same lessons in an afternoon: the same recipe and epochs
     # on 40 % of the speakers, two augmented views, shorter QAT and learned rounding.
     # Departure: with QAT capped at 2 epochs, TI's int2 QAT rate (lr / 100 = 0.005) went to NaN in

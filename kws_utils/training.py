@@ -7,7 +7,7 @@ import math
 import os
 import random
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -18,7 +18,7 @@ from torch.utils.data import Sampler
 
 from kws_utils import config, data, features, files, holdout, mlperf, progress, synthetic
 from kws_utils.errors import InputError, InputTypeError, TrainingDiverged
-from kws_utils.model import DSCNN, load_checkpoint
+from kws_utils.model import DSCNN, load_checkpoint, prior_corrected, reference_model
 
 
 def set_seed(seed: int = config.SEED) -> torch.Generator:
@@ -337,6 +337,14 @@ class FeatureSets:
     val_y: torch.Tensor
     test_x: torch.Tensor
     test_y: torch.Tensor
+    filtered_from: int | None = None   # training clips before the realism filter (None: not filtered)
+
+    def trained_on(self) -> str:
+        """What a model trained on these features was trained on, for a results table."""
+        if self.filtered_from is None:
+            return f"{self.source} training split"
+        return (f"{self.source} training split, realism-filtered ({len(self.train_y):,} of "
+                f"{self.filtered_from:,} clips)")
 
 
 FEATURE_VERSION = 2  # bump when the feature code changes in a way the settings below do not show
@@ -440,6 +448,47 @@ def recognised_by(judge: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.T
     return evaluate(judge, x, y).preds == y
 
 
+def keep_training_clips(feats: FeatureSets, keep: torch.Tensor) -> FeatureSets:
+    """``feats`` with only the training clips where ``keep`` is True, in every augmented view."""
+    if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool or keep.shape != feats.train_y.shape:
+        raise InputError(f"keep must be a boolean mask with one entry per training clip "
+                         f"({len(feats.train_y)}), e.g. training.recognised_by(...).")
+    if not keep.any():
+        raise InputError("keep selects no training clip: nothing would be left to train on.")
+    return replace(feats, train_views=[view[keep] for view in feats.train_views], train_y=feats.train_y[keep],
+                   filtered_from=len(keep))
+
+
+def realism_filter(info: "data.DatasetInfo", feats: FeatureSets) -> torch.Tensor | None:
+    """The training clips the MLPerf reference recognizes, or None (said why) where the course keeps all."""
+    if info.kind != "synthetic" or not config.REALISM_FILTER:
+        return None   # the real training split is what the reference itself was trained on
+    if not mlperf.available():
+        _shout(["NOT realism-filtered: the MLPerf reference weights are not on this machine and cannot be "
+                "downloaded.", "Training on every synthetic clip; real-speech accuracy will be lower than "
+                "the course's. Set KWS_MLPERF_DIR to a copy of the MLPerf Tiny files to filter."])
+        return None
+    return recognised_by(reference_model(), clean_train_features(info), feats.train_y)
+
+
+def course_features(info: "data.DatasetInfo") -> FeatureSets:
+    """The features notebook 03 trains on: ``prepare_features``, realism-filtered where the course filters."""
+    feats = prepare_features(info)
+    keep = realism_filter(info, feats)
+    if keep is None:
+        return feats
+    print(f"realism filter (notebook 03): the {int(keep.sum()):,} of {len(keep):,} training clips the MLPerf "
+          "reference recognizes")
+    return keep_training_clips(feats, keep)
+
+
+def course_prior(net: nn.Module, feats: FeatureSets) -> nn.Module:
+    """Notebook 03's last step: the prior-corrected copy of ``net`` where the course corrects, else ``net``."""
+    if feats.source != "synthetic" or not config.PRIOR_CORRECTION:
+        return net
+    return prior_corrected(net, feats.train_y)
+
+
 SHORT_EPOCHS = 3  # a later notebook run on its own trains this long when notebook 03 has not run
 
 
@@ -484,6 +533,7 @@ def float_model(feats: FeatureSets) -> nn.Module:
     net, generator = seeded_model()
     fit(net, feats.train_views, feats.train_y, feats.val_x, feats.val_y, SHORT_EPOCHS, prof.lr,
         prof.batch_size, generator)
+    net = course_prior(net.cpu(), feats)   # as notebook 03: feats are course_features' (filtered)
     save_checkpoint(net, fallback, epochs=SHORT_EPOCHS, source=feats.source, fallback=True)
     return net.eval()
 

@@ -61,13 +61,13 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     prof = config.profile()
     info = data.ensure_dataset()
-    feats = training.prepare_features(info)
+    feats = training.course_features(info)   # notebook 03's training clips
     net = training.float_model(feats)
     epochs = config.qat_epochs_for(2, prof)
     runs = [run(net, feats, prof.qat_lr * f, epochs, prof.batch_size) for f in FACTORS]
     best = chosen(runs)
     result = {"profile": prof.name, "dataset": info.kind, "seed": config.SEED,
-              "trained_on": f"{info.kind} training split", "chosen_on": f"{info.kind} validation split",
+              "trained_on": feats.trained_on(), "chosen_on": f"{info.kind} validation split",
               "ti_lr": prof.qat_lr, "torch_threads": torch.get_num_threads(), "machine": platform.machine(),
               "date": time.strftime("%Y-%m-%d", time.gmtime()), "runs": runs,
               "chosen_lr": best["lr"] if best else None}

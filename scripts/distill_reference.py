@@ -68,7 +68,7 @@ def synthetic_views(profile: str) -> list[torch.Tensor]:
     views = sorted(folders[0].glob("train_view*.pt")) if folders else []   # one view per epoch
     if not views:
         raise FileNotFoundError(f"no cached synthetic training views of profile {profile!r} under "
-                                f"{config.data_root() / 'feature_cache'}: run notebook 02 with KWS_PROFILE={profile}.")
+                                f"{config.data_root() / 'feature_cache'}: run `KWS_PROFILE={profile} python scripts/prepare_data.py` first.")
     return [torch.load(v) for v in views]
 
 

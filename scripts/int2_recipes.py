@@ -229,13 +229,13 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     prof = config.profile()
     info = data.ensure_dataset()
-    feats = training.prepare_features(info)
+    feats = training.course_features(info)   # notebook 03's training clips
     model = training.float_model(feats)
     real = real_audio.test_set(download=False)
     calib_x = quant.calibration_subset(feats.val_x, prof.calib_clips)
     epochs = args.epochs or config.qat_epochs_for(BITS, prof)
     result = {"profile": prof.name, "dataset": info.kind, "seed": config.SEED, "bits": BITS,
-              "trained_on": f"{info.kind} training split", "calibrated_on": f"{info.kind} validation split",
+              "trained_on": feats.trained_on(), "calibrated_on": f"{info.kind} validation split",
               "scored_on": [f"{info.kind} test split", real_audio.describe_test() if real else None],
               "torch_threads": torch.get_num_threads(), "machine": platform.machine(), "weights_8bit": list(keep),
               "learned_rounding": {"steps": prof.rounding_iters, "reg": quant.rounding.REG,

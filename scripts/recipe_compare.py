@@ -4,7 +4,9 @@ TI's keyword-spotting example (tinyml-tensorlab, examples/audio_keyword_spotting
 with SGD without momentum, weight decay 1e-4, cross-entropy and CosineAnnealingLR(T_max=epochs)
 stepped once per epoch; its QAT runs at lr / 100. The course follows it by default. The departures
 config.Profile can name (momentum, a per-batch cosine schedule, a separate int2 QAT learning rate)
-are measured here against it, on the active profile and dataset, so notebook 03 can show both.
+are measured here against it, on the active profile and dataset, so notebook 03 can show both: on
+notebook 03's training clips (``training.course_features``: realism-filtered on the offline dataset)
+and with its prior correction (``training.course_prior``).
 
     KWS_PROFILE=ci python scripts/recipe_compare.py        # ~4 min of CPU time on the CI profile
     python scripts/recipe_compare.py                       # 28 min on the default profile, 2 cores
@@ -50,6 +52,7 @@ def float_run(feats: training.FeatureSets, name: str, lr: float, momentum: float
                            epochs=prof.epochs, lr=lr, batch_size=prof.batch_size,
                            generator=generator, momentum=momentum,
                            per_batch_schedule=per_batch)
+    net = training.course_prior(net.cpu(), feats)   # notebook 03's last step, where the course takes it
     test = training.evaluate(net, feats.test_x, feats.test_y)
     print(f"{name}: test accuracy {test.accuracy:.2%}")
     return {"name": name, "lr": round(lr, 12), "momentum": momentum, "per_batch_schedule": per_batch,
@@ -82,7 +85,7 @@ def main() -> None:
     args = parser.parse_args()
     prof = config.profile()
     info = data.ensure_dataset()
-    feats = training.prepare_features(info)
+    feats = training.course_features(info)   # notebook 03's training clips
     lr = prof.lr
     ti, ti_net = float_run(feats, "TI's recipe (default)", lr, 0.0, False)
     runs = [ti,
@@ -97,7 +100,7 @@ def main() -> None:
     qat_runs = [] if args.skip_qat else [
         int2_qat_run(ti_net, feats, "int2 QAT at TI's lr / 100", config.qat_lr_for(8, prof)),
         int2_qat_run(ti_net, feats, f"int2 QAT at {other[0]}", other[1])]
-    result = {"profile": prof.name, "dataset": info.kind, "seed": config.SEED,
+    result = {"profile": prof.name, "dataset": info.kind, "seed": config.SEED, "trained_on": feats.trained_on(),
               "torch_threads": torch.get_num_threads(), "machine": platform.machine(),
               "float": runs, "int2_qat": qat_runs}
     path = results_path(prof.name, info.kind)

@@ -184,8 +184,8 @@ def test_notebook05_learned_rounding_loop_is_the_package_loop() -> None:
     assert not torch.equal(q, torch.clamp(torch.round(weight / start), -1, 1)), "nothing was learned"
 
 
-def test_notebook07_realism_filter_is_the_package_filter() -> None:
-    (source,) = marked_cells("07_offline_to_real_speech.ipynb", "realism_filter")
+def test_notebook03_realism_filter_is_the_package_filter() -> None:
+    (source,) = marked_cells("03_float_training.ipynb", "realism_filter")
     ns = run_cells([source], {"training": training})
     torch.manual_seed(0)
     judge, x = model.DSCNN().eval(), torch.randn(40, *config.INPUT_SHAPE)
@@ -196,8 +196,8 @@ def test_notebook07_realism_filter_is_the_package_filter() -> None:
     assert 0 < mask.sum() < len(mask)
 
 
-def test_notebook07_prior_correction_is_the_package_correction() -> None:
-    (source,) = marked_cells("07_offline_to_real_speech.ipynb", "prior_correction")
+def test_notebook03_prior_correction_is_the_package_correction() -> None:
+    (source,) = marked_cells("03_float_training.ipynb", "prior_correction")
     ns = run_cells([source], {"torch": torch, "config": config, "model": model})
     net = model.DSCNN().eval()
     train_y = torch.cat([torch.arange(12), torch.full((30,), config.UNKNOWN_INDEX), torch.zeros(5, dtype=torch.long)])

@@ -121,7 +121,8 @@ def test_notebook_inputs_names_files_the_notebooks_read(tmp_path: Path) -> None:
     for name, number, command in inputs.INPUTS:
         notebook = nbformat.read(next(NOTEBOOKS.glob(f"{number}_*.ipynb")), as_version=4)
         assert Path(name).parts[0] in "".join(c.source for c in notebook.cells), (name, number)
-        assert (config.REPO_ROOT / command.split("python ")[1].split()[0]).is_file(), command
+        for script in command.split("python ")[1:]:   # every script the command runs
+            assert (config.REPO_ROOT / script.split()[0]).is_file(), command
     assert inputs.missing(tmp_path) == list(inputs.INPUTS)
     for name, _, _ in inputs.INPUTS:
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)

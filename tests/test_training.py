@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from kws_utils import config, data, features, model, training
+from kws_utils.errors import InputError
 
 
 def toy_problem(n: int = 600) -> tuple[torch.Tensor, torch.Tensor]:
@@ -178,11 +179,10 @@ def test_feature_cache_key_changes_with_augmentation_settings(
 def test_default_recipe_is_tis() -> None:
     prof = config.PROFILES["default"]
     assert prof.momentum == 0 and not prof.per_batch_schedule
-    assert config.qat_lr_for(4, prof) == config.qat_lr_for(8, prof) == prof.lr / 100
-    # The two named departures of the default profile: TI's rule gives 100 QAT epochs below 8 bits,
-    # and TI's int2 QAT rate diverged (scripts/choose_int2_qat_lr.py chose a lower one on validation).
+    # TI's QAT rate at every bit width: scripts/choose_int2_qat_lr.py chose TI's int2 rate on validation.
+    assert config.qat_lr_for(2, prof) == config.qat_lr_for(4, prof) == config.qat_lr_for(8, prof) == prof.lr / 100
+    # The one named departure of the default profile: TI's rule gives 100 QAT epochs below 8 bits.
     assert prof.qat_epochs_cap == 5 and config.qat_epochs_for(2, prof) == 5
-    assert config.qat_lr_for(2, prof) == prof.int2_qat_lr < prof.lr / 100
     uncapped = dataclasses.replace(prof, qat_epochs_cap=None)
     assert config.qat_epochs_for(8, uncapped) == max(prof.epochs // 2, 5)
     assert config.qat_epochs_for(4, uncapped) == config.qat_epochs_for(2, uncapped) == prof.epochs * 10
@@ -231,3 +231,61 @@ def test_a_seeded_model_starts_from_the_same_weights_and_data_order() -> None:
     assert torch.equal(torch.randperm(50, generator=gen_a), torch.randperm(50, generator=gen_b))
     c, _ = training.seeded_model(8)
     assert not torch.equal(a.conv1.weight, c.conv1.weight)
+
+
+def _feats(n: int = 36) -> training.FeatureSets:
+    x, _ = toy_problem(n)
+    y = torch.arange(n) % len(config.LABELS)   # every class present: each has a prior
+    return training.FeatureSets("synthetic", [x, x + 1], y, x[:10], y[:10], x[:10], y[:10])
+
+
+def test_keep_training_clips_filters_every_view_and_says_so() -> None:
+    feats = _feats()
+    keep = torch.arange(len(feats.train_y)) % 3 != 0
+    kept = training.keep_training_clips(feats, keep)
+    assert all(torch.equal(v, w[keep]) for v, w in zip(kept.train_views, feats.train_views))
+    assert torch.equal(kept.train_y, feats.train_y[keep]) and torch.equal(kept.val_x, feats.val_x)
+    assert kept.trained_on() == f"synthetic training split, realism-filtered (24 of {len(keep)} clips)"
+    assert feats.trained_on() == "synthetic training split"
+    for bad in (keep[:5], keep.long(), torch.zeros_like(keep)):
+        with pytest.raises(InputError, match="keep"):
+            training.keep_training_clips(feats, bad)
+
+
+def test_realism_filter_applies_to_the_offline_dataset_only(monkeypatch: pytest.MonkeyPatch,
+                                                            capsys: pytest.CaptureFixture) -> None:
+    feats = _feats()
+    real = data.DatasetInfo("real", Path("train"), Path("test"), "real")
+    assert training.realism_filter(real, feats) is None   # the reference was trained on those clips
+    synthetic = data.DatasetInfo("synthetic", Path("train"), Path("test"), "synthetic")
+    monkeypatch.setattr(config, "REALISM_FILTER", False)
+    assert training.realism_filter(synthetic, feats) is None
+    monkeypatch.setattr(config, "REALISM_FILTER", True)
+    monkeypatch.setattr(training.mlperf, "available", lambda: False)
+    assert training.realism_filter(synthetic, feats) is None
+    assert "NOT realism-filtered" in capsys.readouterr().out   # loud, not silent
+    judge = model.DSCNN().eval()
+    monkeypatch.setattr(training.mlperf, "available", lambda: True)
+    monkeypatch.setattr(training, "reference_model", lambda: judge)
+    monkeypatch.setattr(training, "clean_train_features", lambda info: feats.train_views[0])
+    keep = training.realism_filter(synthetic, feats)
+    assert torch.equal(keep, training.recognised_by(judge, feats.train_views[0], feats.train_y))
+
+
+def test_course_prior_corrects_synthetic_models_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    feats, net = _feats(), model.DSCNN().eval()
+    fixed = training.course_prior(net, feats)
+    assert torch.equal(fixed.fc6.bias, model.prior_corrected(net, feats.train_y).fc6.bias)
+    assert training.course_prior(net, training.FeatureSets("real", *list(vars(feats).values())[1:])) is net
+    monkeypatch.setattr(config, "PRIOR_CORRECTION", False)
+    assert training.course_prior(net, feats) is net
+
+
+def test_the_stand_in_float_model_takes_notebook_03s_last_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KWS_OUTPUT", str(tmp_path))
+    monkeypatch.setattr(training, "SHORT_EPOCHS", 1)
+    seen = []
+    monkeypatch.setattr(training, "course_prior", lambda net, feats: seen.append(feats) or net)
+    feats = _feats(60)
+    training.float_model(feats)
+    assert seen == [feats]
