@@ -195,8 +195,10 @@ def test_workshop_profile_teaches_the_same_recipe_on_less_data() -> None:
     default, workshop = config.PROFILES["default"], config.PROFILES["workshop"]
     same = ("epochs", "batch_size", "lr", "momentum", "per_batch_schedule")
     assert all(getattr(workshop, f) == getattr(default, f) for f in same)
-    # Both lower TI's int2 QAT rate (it diverged on each); the workshop's 2 epochs took a lower one still.
-    assert config.qat_lr_for(2, workshop) < config.qat_lr_for(2, default) < default.qat_lr
+    # The default profile runs int2 QAT at TI's rate (chosen on validation from notebook 03's model); the
+    # workshop's 2 epochs went to NaN at it and keep a lower one.
+    assert config.qat_lr_for(2, default) == default.qat_lr and default.int2_qat_lr is None
+    assert config.qat_lr_for(2, workshop) < default.qat_lr
     assert workshop.synth_speakers < default.synth_speakers and workshop.aug_views < default.aug_views
     assert all(name in config.STREAM_CLIPS for name in config.PROFILES)
 
