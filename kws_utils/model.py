@@ -61,27 +61,31 @@ class DSCNN(nn.Module):
         return self.fc6(self.flatten(self.avgpool(self.dropout2(x))))
 
 
+def prior_log_ratio(train_y: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """log(n x p(c)) per class: what a softmax trained on ``train_y``'s class mix adds to each logit."""
+    if (not isinstance(train_y, torch.Tensor) or train_y.dtype.is_floating_point or train_y.ndim != 1
+            or len(train_y) == 0 or train_y.min() < 0 or train_y.max() >= n_classes):
+        raise InputError(f"train_y must be the 1-D tensor of class indices 0..{n_classes - 1} the model was "
+                         "trained on (e.g. feats.train_y).")
+    counts = torch.bincount(train_y, minlength=n_classes)
+    if (counts == 0).any():
+        missing = torch.nonzero(counts == 0).flatten().tolist()
+        raise InputError(f"train_y holds no clip of class {missing}: give the labels of the whole training "
+                         "split, so that every class has a prior.")
+    return torch.log(counts.double() / counts.sum() * n_classes).float()
+
+
 def prior_corrected(net: nn.Module, train_y: torch.Tensor) -> nn.Module:
     """A copy of ``net`` whose classifier bias expects balanced classes, not the training split's mix."""
     fc = getattr(net, "fc6", None)
     if not isinstance(fc, nn.Linear):
         raise InputTypeError(f"net must be a DS-CNN whose classifier is `fc6` (model.DSCNN), got "
                              f"{type(net).__name__}.")
-    n = fc.out_features
-    if (not isinstance(train_y, torch.Tensor) or train_y.dtype.is_floating_point or train_y.ndim != 1
-            or len(train_y) == 0 or train_y.min() < 0 or train_y.max() >= n):
-        raise InputError(f"train_y must be the 1-D tensor of class indices 0..{n - 1} the model was trained "
-                         "on (e.g. feats.train_y).")
-    counts = torch.bincount(train_y, minlength=n)
-    if (counts == 0).any():
-        missing = torch.nonzero(counts == 0).flatten().tolist()
-        raise InputError(f"train_y holds no clip of class {missing}: give the labels of the whole training "
-                         "split, so that every class has a prior.")
-    prior = counts.double() / counts.sum()
+    ratio = prior_log_ratio(train_y, fc.out_features)
     out = copy.deepcopy(net)
     with torch.no_grad():
         # A softmax trained on prior p(c) adds log p(c) to each logit; a balanced test set has 1/n.
-        out.fc6.bias -= torch.log(prior * n).to(out.fc6.bias.dtype)
+        out.fc6.bias -= ratio.to(out.fc6.bias.dtype)
     return out
 
 

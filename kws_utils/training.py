@@ -18,7 +18,7 @@ from torch.utils.data import Sampler
 
 from kws_utils import config, data, features, files, holdout, mlperf, progress, synthetic
 from kws_utils.errors import InputError, InputTypeError, TrainingDiverged
-from kws_utils.model import DSCNN, load_checkpoint, prior_corrected, reference_model
+from kws_utils.model import DSCNN, load_checkpoint, prior_corrected, prior_log_ratio, reference_model
 
 
 def set_seed(seed: int = config.SEED) -> torch.Generator:
@@ -482,11 +482,35 @@ def course_features(info: "data.DatasetInfo") -> FeatureSets:
     return keep_training_clips(feats, keep)
 
 
+def corrects_prior(feats: FeatureSets) -> bool:
+    """True where notebook 03 corrects the class prior: the offline dataset, with the config's switch on."""
+    return feats.source == "synthetic" and config.PRIOR_CORRECTION
+
+
 def course_prior(net: nn.Module, feats: FeatureSets) -> nn.Module:
     """Notebook 03's last step: the prior-corrected copy of ``net`` where the course corrects, else ``net``."""
-    if feats.source != "synthetic" or not config.PRIOR_CORRECTION:
-        return net
-    return prior_corrected(net, feats.train_y)
+    return prior_corrected(net, feats.train_y) if corrects_prior(feats) else net
+
+
+class PriorAdjustedLoss(nn.Module):
+    """Cross-entropy of ``logits + log(n x prior)``: trains a prior-corrected model as its uncorrected self."""
+
+    def __init__(self, log_ratio: torch.Tensor) -> None:
+        super().__init__()
+        self.log_ratio = log_ratio.float()
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The batch's mean cross-entropy after adding the training mix back to the logits."""
+        # The corrected bias is the trained one minus log(n p); adding it back here gives exactly the
+        # uncorrected model's loss and gradients, so training keeps the deployed bias balanced.
+        return nn.functional.cross_entropy(logits + self.log_ratio.to(logits), labels)
+
+
+def course_loss(feats: FeatureSets) -> nn.Module:
+    """The loss for training notebook 03's model further: prior-adjusted where it was corrected, else plain."""
+    if not corrects_prior(feats):
+        return nn.CrossEntropyLoss()
+    return PriorAdjustedLoss(prior_log_ratio(feats.train_y, len(config.LABELS)))
 
 
 SHORT_EPOCHS = 3  # a later notebook run on its own trains this long when notebook 03 has not run

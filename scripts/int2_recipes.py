@@ -59,6 +59,7 @@ class Recipe:
     freeze_weight_scales: bool = False  # keep the start's weight scales (learned rounding's)
     match_integer: bool = False         # train the fake-quant model that computes the integer one
     epochs: int | None = None           # None: the script's --epochs (TI's rule, capped by the profile)
+    prior_adjusted: bool = False        # cross-entropy that keeps notebook 03's prior correction
 
 
 RECIPES = (
@@ -90,6 +91,11 @@ RECIPES = (
            rounded_start=True, freeze_bn_epoch=0, lr_factor=0.1, epochs=10),
     Recipe("learned rounding + distil, BN frozen, lr x 0.2, 10 epochs", kd_temperature=4.0,
            rounded_start=True, freeze_bn_epoch=0, lr_factor=0.2, epochs=10),
+    # Plain cross-entropy on the training split relearns its class mix (notebook 04); these rows train
+    # with training.course_loss, which keeps notebook 03's prior correction on the offline dataset.
+    Recipe("TI's plain recipe, prior-adjusted loss", prior_adjusted=True),
+    Recipe("learned rounding + distil + prior-adjusted CE, BN frozen, lr x 0.1", kd_temperature=4.0,
+           ce_weight=0.5, rounded_start=True, freeze_bn_epoch=0, lr_factor=0.1, prior_adjusted=True),
 )
 
 
@@ -141,14 +147,16 @@ def run_recipe(recipe: Recipe, model: nn.Module, feats: training.FeatureSets,
         wrapper = distill.qat_wrapper(init, BITS, epochs, keep_8bit)
         if recipe.match_integer:
             quant.match_integer_model(wrapper)
+        loss = training.course_loss(feats) if recipe.prior_adjusted else None   # None: plain CE
         if recipe.kd_temperature is None:   # quant.qat's steps, unrolled to score the fake-quant model
-            history = quant.qat_fit(wrapper, feats, epochs, lr, batch_size, training.set_seed(config.SEED))
+            history = quant.qat_fit(wrapper, feats, epochs, lr, batch_size, training.set_seed(config.SEED),
+                                    loss)
         else:
             history = distill.distill_fit(
                 wrapper, model, feats.train_views,
                 distill.Schedule(epochs, lr, batch_size, recipe.warmup_epochs, recipe.freeze_bn_epoch,
                                  recipe.freeze_weight_scales),
-                distill.KDLoss(recipe.kd_temperature, recipe.ce_weight),
+                distill.KDLoss(recipe.kd_temperature, recipe.ce_weight, loss),
                 labels=feats.train_y if recipe.ce_weight else None, val=(feats.val_x, feats.val_y))
         # the fake-quant model as the integer model computes it (issue 18: it should predict the ONNX)
         fake = quant.match_integer_model(copy.deepcopy(wrapper))

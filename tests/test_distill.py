@@ -45,6 +45,16 @@ def test_kd_loss_is_zero_for_identical_logits_and_adds_cross_entropy() -> None:
     assert mixed == pytest.approx(torch.nn.functional.cross_entropy(logits, labels).item(), rel=1e-5)
 
 
+def test_kd_loss_cross_entropy_term_can_keep_the_prior_correction() -> None:
+    from kws_utils import training
+    logits = torch.randn(8, 12, generator=torch.Generator().manual_seed(1))
+    labels = torch.arange(8)
+    ratio = torch.linspace(-1.0, 1.0, 12)
+    adjusted = distill.KDLoss(ce_weight=0.5, ce_loss=training.PriorAdjustedLoss(ratio))(logits, logits, labels)
+    assert adjusted.item() == pytest.approx(0.5 * training.PriorAdjustedLoss(ratio)(logits, labels).item(), rel=1e-5)
+    assert adjusted.item() != pytest.approx(distill.KDLoss(ce_weight=0.5)(logits, logits, labels).item(), rel=1e-3)
+
+
 def test_schedule_warms_up_then_follows_cosine_per_epoch() -> None:
     s = distill.Schedule(epochs=4, lr=1.0, warmup_epochs=1.0)
     assert s.lr_at(0, 0, 10) == pytest.approx(0.1)

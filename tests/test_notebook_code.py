@@ -204,3 +204,14 @@ def test_notebook03_prior_correction_is_the_package_correction() -> None:
     mine, package = ns["prior_corrected"](net, train_y), model.prior_corrected(net, train_y)
     torch.testing.assert_close(mine.fc6.bias, package.fc6.bias, rtol=0, atol=1e-6)
     assert not torch.allclose(mine.fc6.bias, net.fc6.bias)
+
+
+def test_notebook04_prior_adjusted_loss_is_the_package_loss() -> None:
+    (source,) = marked_cells("04_qat_vs_ptq.ipynb", "prior_adjusted_loss")
+    ns = run_cells([source], {"torch": torch})
+    train_y = torch.cat([torch.arange(12), torch.full((30,), config.UNKNOWN_INDEX)])
+    ratio = model.prior_log_ratio(train_y, len(config.LABELS))
+    logits, labels = torch.randn(20, 12, generator=torch.Generator().manual_seed(3)), torch.arange(20) % 12
+    mine, package = ns["PriorAdjustedLoss"](ratio)(logits, labels), training.PriorAdjustedLoss(ratio)(logits, labels)
+    torch.testing.assert_close(mine, package, rtol=0, atol=0)
+    assert not torch.isclose(mine, nn.functional.cross_entropy(logits, labels))

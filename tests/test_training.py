@@ -291,3 +291,31 @@ def test_the_stand_in_float_model_takes_notebook_03s_last_step(tmp_path: Path, m
     feats = _feats(60)
     training.float_model(feats)
     assert seen == [feats]
+
+
+def test_prior_adjusted_loss_trains_the_corrected_model_as_the_uncorrected_one() -> None:
+    # The identity behind notebook 04's fix: same loss value and same gradients as plain CE before correction.
+    train_y = torch.cat([torch.arange(12), torch.full((40,), config.UNKNOWN_INDEX)])
+    torch.manual_seed(0)
+    net, x, y = model.DSCNN().eval(), torch.randn(16, *config.INPUT_SHAPE), torch.arange(16) % 12
+    corrected = model.prior_corrected(net, train_y)
+    ratio = model.prior_log_ratio(train_y, len(config.LABELS))
+    adjusted = training.PriorAdjustedLoss(ratio)(corrected(x), y)
+    plain = torch.nn.functional.cross_entropy(net(x), y)
+    torch.testing.assert_close(adjusted, plain, rtol=0, atol=1e-5)
+    adjusted.backward()
+    plain.backward()
+    torch.testing.assert_close(corrected.pointwise5.weight.grad, net.pointwise5.weight.grad, rtol=1e-4, atol=1e-7)
+    assert not torch.isclose(torch.nn.functional.cross_entropy(corrected(x), y), plain)
+
+
+def test_course_loss_adjusts_where_the_course_corrects_the_prior(monkeypatch: pytest.MonkeyPatch) -> None:
+    feats = _feats()
+    feats.train_y[:20] = config.UNKNOWN_INDEX   # an uneven mix, as the offline training split has
+    loss = training.course_loss(feats)
+    assert isinstance(loss, training.PriorAdjustedLoss)
+    torch.testing.assert_close(loss.log_ratio, model.prior_log_ratio(feats.train_y, len(config.LABELS)))
+    real = training.FeatureSets("real", *list(vars(feats).values())[1:])
+    assert type(training.course_loss(real)) is torch.nn.CrossEntropyLoss
+    monkeypatch.setattr(config, "PRIOR_CORRECTION", False)
+    assert type(training.course_loss(feats)) is torch.nn.CrossEntropyLoss

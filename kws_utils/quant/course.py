@@ -127,11 +127,15 @@ def ptq(model: nn.Module, bits: int, calib_x: torch.Tensor, batch_size: int = 10
 
 
 def qat_fit(wrapper: TINPUTinyMLQATFxModule, feats: Any, epochs: int, lr: float, batch_size: int,
-            generator: torch.Generator) -> training.History:
-    """The QAT loop of notebook 04, as TI's example trains: train() per epoch, SGD, cosine."""
+            generator: torch.Generator, loss_fn: nn.Module | None = None) -> training.History:
+    """The QAT loop of notebook 04, as TI's example trains: train() per epoch, SGD, cosine.
+
+    ``loss_fn``: None is TI's cross-entropy; ``training.course_loss(feats)`` keeps notebook 03's
+    prior correction where the course makes one (notebook 04 measures why).
+    """
     steps = -(-len(feats.train_y) // batch_size)
     optimizer, scheduler = training.make_optimizer(wrapper, lr, epochs, steps)
-    loss_fn = nn.CrossEntropyLoss()
+    loss_fn = loss_fn or nn.CrossEntropyLoss()
     history = training.History()
     device = config.device()     # training runs on KWS_DEVICE; convert() and export on the CPU
     wrapper.to(device)

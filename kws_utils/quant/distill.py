@@ -48,6 +48,9 @@ class KDLoss:
 
     temperature: float = 4.0
     ce_weight: float = 0.0      # 0: pure distillation; the labels (if any) only score validation
+    # the cross-entropy's loss; None: plain. training.course_loss(feats) keeps notebook 03's prior
+    # correction, which plain cross-entropy on the training mix undoes (notebook 04).
+    ce_loss: nn.Module | None = None
 
     def __call__(self, student: torch.Tensor, teacher: torch.Tensor,
                  labels: torch.Tensor | None = None) -> torch.Tensor:
@@ -58,7 +61,8 @@ class KDLoss:
                       reduction="batchmean", log_target=True) * t * t
         if labels is None or self.ce_weight == 0:
             return kd
-        return kd + self.ce_weight * F.cross_entropy(student, labels)
+        ce = self.ce_loss(student, labels) if self.ce_loss is not None else F.cross_entropy(student, labels)
+        return kd + self.ce_weight * ce
 
 
 @dataclass(frozen=True)
