@@ -61,8 +61,7 @@ class KDLoss:
                       reduction="batchmean", log_target=True) * t * t
         if labels is None or self.ce_weight == 0:
             return kd
-        ce = self.ce_loss(student, labels) if self.ce_loss is not None else F.cross_entropy(student, labels)
-        return kd + self.ce_weight * ce
+        return kd + self.ce_weight * (self.ce_loss or F.cross_entropy)(student, labels)
 
 
 @dataclass(frozen=True)
