@@ -513,6 +513,12 @@ def course_loss(feats: FeatureSets) -> nn.Module:
     return PriorAdjustedLoss(prior_log_ratio(feats.train_y, len(config.LABELS)))
 
 
+def keywords_called_unknown(preds: torch.Tensor, labels: torch.Tensor) -> float:
+    """Share of the keyword clips (of ``labels``) that ``preds`` calls *unknown* (notebook 04's count)."""
+    keyword = labels < len(config.KEYWORDS)
+    return (preds[keyword] == config.UNKNOWN_INDEX).float().mean().item()
+
+
 SHORT_EPOCHS = 3  # a later notebook run on its own trains this long when notebook 03 has not run
 
 

@@ -3,7 +3,8 @@
 TI's rule trains QAT at the float rate / 100. At 2 bits that rate can drive the logits to NaN
 (notebook 05's plain int2 QAT stops with an error); a profile then names a departure,
 ``Profile.int2_qat_lr``. This script trains notebook 05's int2 QAT (TI's wrapper and qconfig, the
-course's loop ``quant.qat``, TI's epochs capped by the profile) from notebook 03's model at TI's rate
+course's loop ``quant.qat`` with notebook 05's loss ``training.course_loss``, TI's epochs capped by the
+profile) from notebook 03's model at TI's rate
 and at smaller ones, and records each run's validation curve. The rate to use is the one with the best
 last validation accuracy among the runs that did not diverge.
 
@@ -35,10 +36,11 @@ def results_path(profile: str, kind: str) -> Path:
 
 
 def run(net: torch.nn.Module, feats: training.FeatureSets, lr: float, epochs: int, batch_size: int) -> dict:
-    """One int2 QAT run at ``lr``: its validation curve, or where it diverged."""
+    """One int2 QAT run at ``lr`` with notebook 05's loss: its validation curve, or where it diverged."""
     start = time.perf_counter()
     try:
-        _, history = quant.qat(net, 2, feats, epochs, lr, batch_size)
+        _, history = quant.qat(net, 2, feats, epochs, lr, batch_size,
+                               loss_fn=training.course_loss(feats))
         row = {"val_acc": [round(a, 4) for a in history.val_acc]}
     except FloatingPointError as err:   # a diverged run is a result too
         row = {"diverged": str(err)}
@@ -68,7 +70,7 @@ def main() -> None:
     best = chosen(runs)
     result = {"profile": prof.name, "dataset": info.kind, "seed": config.SEED,
               "trained_on": feats.trained_on(), "chosen_on": f"{info.kind} validation split",
-              "ti_lr": prof.qat_lr, "torch_threads": torch.get_num_threads(), "machine": platform.machine(),
+              "loss": type(training.course_loss(feats)).__name__, "ti_lr": prof.qat_lr, "torch_threads": torch.get_num_threads(), "machine": platform.machine(),
               "date": time.strftime("%Y-%m-%d", time.gmtime()), "runs": runs,
               "chosen_lr": best["lr"] if best else None}
     path = results_path(prof.name, info.kind)

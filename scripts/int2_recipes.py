@@ -96,6 +96,9 @@ RECIPES = (
     Recipe("TI's plain recipe, prior-adjusted loss", prior_adjusted=True),
     Recipe("learned rounding + distil + prior-adjusted CE, BN frozen, lr x 0.1", kd_temperature=4.0,
            ce_weight=0.5, rounded_start=True, freeze_bn_epoch=0, lr_factor=0.1, prior_adjusted=True),
+    Recipe("learned rounding + distil + prior-adjusted CE, BN frozen, lr x 0.1, 10 epochs",
+           kd_temperature=4.0, ce_weight=0.5, rounded_start=True, freeze_bn_epoch=0, lr_factor=0.1,
+           epochs=10, prior_adjusted=True),
 )
 
 

@@ -525,3 +525,22 @@ def test_ti_convert_shows_no_torch_quantized_tensor_deprecation() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert "converted" in done.stdout, done.stderr[-2000:]
     assert "torch.quantize_per_tensor" not in done.stderr
+
+
+@pytest.mark.parametrize("source, expected", [("synthetic", "PriorAdjustedLoss"), ("real", "CrossEntropyLoss")])
+def test_qat_variant_trains_with_the_course_loss(monkeypatch: pytest.MonkeyPatch, source: str,
+                                                  expected: str) -> None:
+    # Notebook 05's QAT must keep notebook 03's prior correction where the course made one.
+    from types import SimpleNamespace
+    from kws_utils.quant import course
+    seen = {}
+
+    def stop(wrapper, feats, epochs, lr, batch_size, generator, loss_fn=None):
+        seen["loss"] = loss_fn
+        raise KeyboardInterrupt   # the loss is all this test needs; skip the training
+
+    monkeypatch.setattr(course, "qat_fit", stop)
+    feats = SimpleNamespace(source=source, train_y=torch.arange(60) % 12)
+    with pytest.raises(KeyboardInterrupt):
+        quant.quantize_variant(model.DSCNN(), feats, 8, "qat")
+    assert type(seen["loss"]).__name__ == expected

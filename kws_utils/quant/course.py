@@ -170,8 +170,11 @@ def qat_fit(wrapper: TINPUTinyMLQATFxModule, feats: Any, epochs: int, lr: float,
 
 
 def qat(model: nn.Module, bits: int, feats: Any, epochs: int, lr: float, batch_size: int,
-        seed: int = config.SEED, match_integer: bool = False) -> tuple[TINPUTinyMLQATFxModule, Any]:
+        seed: int = config.SEED, match_integer: bool = False,
+        loss_fn: nn.Module | None = None) -> tuple[TINPUTinyMLQATFxModule, Any]:
     """Fine-tune a QAT wrapper with ``qat_fit`` (notebook 04's loop), convert; (wrapper, history).
+
+    ``loss_fn``: as in ``qat_fit`` (None: TI's plain cross-entropy).
 
     ``match_integer``: train the fake-quant model that computes what the integer model computes
     (``match_integer_model``). Off by default: measured on the CI profile (int8, from the MLPerf
@@ -183,7 +186,7 @@ def qat(model: nn.Module, bits: int, feats: Any, epochs: int, lr: float, batch_s
     stable_conv_bn(wrapper)
     if match_integer:
         match_integer_model(wrapper)
-    history = qat_fit(wrapper, feats, epochs, lr, batch_size, training.set_seed(seed))
+    history = qat_fit(wrapper, feats, epochs, lr, batch_size, training.set_seed(seed), loss_fn)
     wrapper.convert()   # raises FloatingPointError if the fine-tuning diverged (course backend)
     return wrapper, history
 
@@ -296,6 +299,9 @@ def quantize_variant(model: nn.Module, feats: Any, bits: int, method: str,
                      prof: config.Profile | None = None, match_integer: bool = True) -> VariantResult:
     """PTQ (seeded validation subset) or QAT (qat_fit, TI's epochs/lr rules), convert, export, check.
 
+    QAT trains with ``training.course_loss(feats)``: where notebook 03 corrected the class prior,
+    the prior-adjusted cross-entropy keeps that correction (notebook 04 measures it), else TI's.
+
     ``match_integer``: the fake-quant accuracy is that of the model computing what the integer
     model computes (``match_integer_model``), so it predicts the integer model's; PTQ also
     calibrates that model. QAT trains TI's plain wrapper (training through the NPU's pool gain
@@ -319,7 +325,7 @@ def quantize_variant(model: nn.Module, feats: Any, bits: int, method: str,
             example_inputs=torch.zeros(1, *config.INPUT_SHAPE))
         stable_conv_bn(wrapper)
         history = qat_fit(wrapper, feats, epochs, config.qat_lr_for(bits, prof), prof.batch_size,
-                          training.set_seed(config.SEED))
+                          training.set_seed(config.SEED), training.course_loss(feats))
     else:
         raise ValueError(f"method {method!r}: use one of {QUANT_METHODS}.")
     # TI's convert() replaces the fake-quantized model in place: measure it first.
