@@ -35,12 +35,12 @@ def results_path(profile: str, kind: str) -> Path:
     return config.output_dir() / "int2_qat_lr" / f"{profile}_{kind}.json"
 
 
-def run(net: torch.nn.Module, feats: training.FeatureSets, lr: float, epochs: int, batch_size: int) -> dict:
-    """One int2 QAT run at ``lr`` with notebook 05's loss: its validation curve, or where it diverged."""
+def run(net: torch.nn.Module, feats: training.FeatureSets, lr: float, epochs: int, batch_size: int,
+        loss_fn: torch.nn.Module) -> dict:
+    """One int2 QAT run at ``lr`` with ``loss_fn``: its validation curve, or where it diverged."""
     start = time.perf_counter()
     try:
-        _, history = quant.qat(net, 2, feats, epochs, lr, batch_size,
-                               loss_fn=training.course_loss(feats))
+        _, history = quant.qat(net, 2, feats, epochs, lr, batch_size, loss_fn=loss_fn)
         row = {"val_acc": [round(a, 4) for a in history.val_acc]}
     except FloatingPointError as err:   # a diverged run is a result too
         row = {"diverged": str(err)}
@@ -66,11 +66,13 @@ def main() -> None:
     feats = training.course_features(info)   # notebook 03's training clips
     net = training.float_model(feats)
     epochs = config.qat_epochs_for(2, prof)
-    runs = [run(net, feats, prof.qat_lr * f, epochs, prof.batch_size) for f in FACTORS]
+    loss_fn = training.course_loss(feats)   # notebook 05's QAT loss
+    runs = [run(net, feats, prof.qat_lr * f, epochs, prof.batch_size, loss_fn) for f in FACTORS]
     best = chosen(runs)
     result = {"profile": prof.name, "dataset": info.kind, "seed": config.SEED,
               "trained_on": feats.trained_on(), "chosen_on": f"{info.kind} validation split",
-              "loss": type(training.course_loss(feats)).__name__, "ti_lr": prof.qat_lr, "torch_threads": torch.get_num_threads(), "machine": platform.machine(),
+              "loss": type(loss_fn).__name__, "ti_lr": prof.qat_lr,
+              "torch_threads": torch.get_num_threads(), "machine": platform.machine(),
               "date": time.strftime("%Y-%m-%d", time.gmtime()), "runs": runs,
               "chosen_lr": best["lr"] if best else None}
     path = results_path(prof.name, info.kind)
