@@ -1,8 +1,10 @@
 """Distillation QAT (kws_utils.quant.distill) and the int2 recipe comparison's core function."""
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -60,6 +62,14 @@ def test_schedule_warms_up_then_follows_cosine_per_epoch() -> None:
     assert s.lr_at(0, 0, 10) == pytest.approx(0.1)
     assert s.lr_at(0, 9, 10) == pytest.approx(1.0)
     assert s.lr_at(2, 0, 10) == pytest.approx(0.5)
+
+
+def test_schedule_per_step_decays_inside_an_epoch() -> None:
+    per_epoch, per_step = distill.Schedule(epochs=2, lr=1.0), distill.Schedule(epochs=2, lr=1.0, per_step=True)
+    assert per_epoch.lr_at(0, 5, 10) == per_epoch.lr_at(0, 0, 10) == pytest.approx(1.0)
+    assert per_step.lr_at(0, 0, 10) == pytest.approx(1.0)
+    assert per_step.lr_at(0, 5, 10) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.25)))
+    assert per_step.lr_at(1, 0, 10) == pytest.approx(per_epoch.lr_at(1, 0, 10)) == pytest.approx(0.5)
 
 
 @pytest.mark.parametrize("backend", ["course", pytest.param("ti", marks=pytest.mark.skipif(
@@ -150,7 +160,7 @@ def test_int2_recipe_runs_end_to_end(monkeypatch, tmp_path) -> None:
                                  torch.randint(0, 12, (20,)), torch.randn(20, *config.INPUT_SHAPE),
                                  torch.randint(0, 12, (20,)))
     recipe = recipes.Recipe("tiny", kd_temperature=4.0, rounded_start=True, freeze_bn_epoch=0, epochs=3)
-    out = recipes.run_recipe(recipe, _teacher(), feats, None, feats.val_x, 2, 0.01, 20)   # the recipe's 3 epochs win
+    out = recipes.run_recipe(recipe, _teacher(), feats, None, {"validation": feats.val_x}, 2, 0.01, 20)   # 3 epochs win
     assert len(out["val_acc"]) == out["epochs"] == 3 and isinstance(out["converged"], bool)
     flips = out["flips"]   # the gap record: the flips add up to fake-quant minus ONNX accuracy
     assert flips["clips"] == 20 and flips["fake_only_right"] + flips["integer_only_right"] <= flips["differ"]
@@ -163,6 +173,28 @@ def test_int2_recipe_runs_end_to_end(monkeypatch, tmp_path) -> None:
     assert 0 <= out["fake_quant_test_accuracy"] <= 1
 
 
+def test_int2_recipe_calibrates_on_training_clips_and_distils_on_every_clip(monkeypatch, tmp_path) -> None:
+    recipes = _ci_script("int2_recipes", monkeypatch, tmp_path)
+    torch.manual_seed(4)
+    views, y = [torch.randn(40, *config.INPUT_SHAPE) for _ in range(2)], torch.randint(0, 12, (40,))
+    every = training.FeatureSets("synthetic", views, y, torch.randn(20, *config.INPUT_SHAPE),
+                                 torch.randint(0, 12, (20,)), torch.randn(20, *config.INPUT_SHAPE),
+                                 torch.randint(0, 12, (20,)))
+    feats = dataclasses.replace(every, train_views=[v[:25] for v in views], train_y=y[:25])   # "filtered"
+    calib = recipes.training_calibration(feats, 30)
+    pool = torch.cat(feats.train_views)
+    assert len(calib) == 30 and all(bool((pool == row).all(dim=(1, 2, 3)).any()) for row in calib)
+    recipe = recipes.Recipe("tiny", kd_temperature=4.0, rounded_start=True, freeze_bn_epoch=0,
+                            start_calib="training", distil_clips="all", per_step=True)
+    with pytest.raises(ValueError, match="every_clip"):
+        recipes.run_recipe(recipe, _teacher(), feats, None, {"training": calib}, 1, 0.01, 20)
+    with pytest.raises(ValueError, match="start_calib"):
+        recipes.run_recipe(recipe, _teacher(), feats, None, {"validation": feats.val_x}, 1, 0.01, 20, (), every)
+    out = recipes.run_recipe(recipe, _teacher(), feats, None, {"training": calib}, 1, 0.01, 20, (), every)
+    assert out["start_calib"] == "training" and out["distil_clips"] == "all" and out["per_step"]
+    assert len(out["val_acc"]) == 1 and (tmp_path / "int2_recipes" / "onnx" / out["onnx"]).is_file()
+
+
 def test_int2_recipe_keeps_the_chosen_layers_8bit(monkeypatch, tmp_path) -> None:
     recipes = _ci_script("int2_recipes", monkeypatch, tmp_path)
     torch.manual_seed(3)
@@ -170,7 +202,7 @@ def test_int2_recipe_keeps_the_chosen_layers_8bit(monkeypatch, tmp_path) -> None
     feats = training.FeatureSets("synthetic", [x], y, x[:20], y[:20], x[20:], y[20:])
     recipe = recipes.Recipe("tiny", kd_temperature=4.0, rounded_start=True, freeze_bn_epoch=0)
     keep = model.KEEP_8BIT["edges"]
-    out = recipes.run_recipe(recipe, _teacher(), feats, None, feats.val_x, 1, 0.01, 20, keep)
+    out = recipes.run_recipe(recipe, _teacher(), feats, None, {"validation": feats.val_x}, 1, 0.01, 20, keep)
     npu = tinpu_onnx.load_integer_onnx(tmp_path / "int2_recipes" / "onnx" / out["onnx"])
     bits = {layer.name: layer.weight_bits for layer in npu.layers if layer.weight is not None}
     assert {name for name, b in bits.items() if b == 8} == set(keep) and set(bits.values()) == {2, 8}

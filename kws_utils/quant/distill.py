@@ -11,7 +11,7 @@ The student is a QAT wrapper of either backend (``quant_backend()``: TI's
 - BatchNorm statistics frozen from a chosen epoch (``freeze_bn_stats``, works on both backends);
 - optionally, weight scales frozen after the first batch (``freeze_weight_scales``; TI's
   ``convert()`` does not clamp weights that then grow past the last grid point, see notebook 05);
-- a linear learning-rate warm-up over the first steps, then TI's cosine per epoch.
+- a linear learning-rate warm-up over the first steps, then TI's cosine per epoch (or per step).
 
 All of it runs on TI's own ``TINPUTinyMLQATFxModule`` (KWS_QUANT_BACKEND=ti): the loss and the
 schedule live outside the wrapper, BatchNorm is frozen with torch's ``freeze_bn_stats`` on its
@@ -74,10 +74,12 @@ class Schedule:
     warmup_epochs: float = 0.0
     freeze_bn_epoch: int | None = None   # None: the wrapper's own schedule (TI's rule)
     freeze_weight_scales: bool = False   # keep the weight scales the first batch observes
+    per_step: bool = False               # cosine over every step instead of TI's one value per epoch
 
     def lr_at(self, epoch: int, step: int, steps: int) -> float:
-        """TI's cosine per epoch, times a linear warm-up over the first warmup_epochs."""
-        cosine = self.lr * 0.5 * (1 + math.cos(math.pi * epoch / self.epochs))
+        """TI's cosine per epoch (or per step), times a linear warm-up over the first warmup_epochs."""
+        progress = epoch + (step / steps if self.per_step else 0.0)
+        cosine = self.lr * 0.5 * (1 + math.cos(math.pi * progress / self.epochs))
         done = epoch + (step + 1) / steps
         return cosine * min(1.0, done / self.warmup_epochs) if self.warmup_epochs > 0 else cosine
 
