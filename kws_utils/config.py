@@ -194,7 +194,9 @@ PROFILES = {
     # Departure: with QAT capped at 2 epochs, TI's int2 QAT rate (lr / 100 = 0.005) went to NaN in
     # the second epoch on this profile (TI's package, 2026-11-30). On the espeak-ng-only offline
     # dataset of that day, chosen on validation accuracy: 0.002 stuck at 5.7 % (one class), 0.001
-    # reached 44 % then 53 %, 0.0005 28 % then 43 %.
+    # reached 44 % then 53 %, 0.0005 28 % then 43 %. Chosen again by scripts/choose_int2_qat_lr.py from
+    # the realism-filtered, prior-corrected workshop model with notebook 05's prior-adjusted loss
+    # (2026-12-04): after 2 epochs 5.7 % at 0.005, 12.3 % at 0.0025, 40.0 % at 0.001.
     "workshop": Profile("workshop", synth_speakers=240, synth_test_per_class=200, epochs=10,
                         batch_size=100, lr=0.5, aug_views=2, calib_clips=500, qat_epochs_cap=2,
                         rounding_iters=100, int2_qat_lr=0.001),
