@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
+from torch.ao.quantization import disable_observer  # noqa: E402
 
 from kws_utils import config, data, export as kws_export, files, quant, real_audio, training  # noqa: E402
 from kws_utils import model as kws_model  # noqa: E402
@@ -63,7 +64,12 @@ class Recipe:
     start_calib: str = "validation"     # learned-rounding start calibrated on: "validation" or "training" clips
     distil_clips: str = "course"        # distilled on notebook 03's training clips ("course") or on "all"
     per_step: bool = False              # cosine learning rate per step instead of TI's per epoch
+    exact_requant: bool = False         # train with the NPU's integer bias and exact multipliers
 
+
+# what every "NPU requantization" row shares: the last rows' start, clips and schedule, and the NPU's arithmetic
+_NPU_REQUANT = dict(rounded_start=True, freeze_bn_epoch=0, start_calib="training", distil_clips="all",
+                    per_step=True, match_integer=True, exact_requant=True)
 
 RECIPES = (
     Recipe("TI's plain recipe"),
@@ -113,6 +119,21 @@ RECIPES = (
     Recipe("learned rounding on training clips + distil on every training clip, BN frozen, lr x 0.05, "
            "cosine per step", kd_temperature=4.0, rounded_start=True, freeze_bn_epoch=0, lr_factor=0.05,
            start_calib="training", distil_clips="all", per_step=True),
+    # The fake-quant model computes the NPU's requantization (quant.match_requantization): integer
+    # bias and half step, 8-bit multipliers, and the NPU's pool, so QAT trains the model deployed.
+    Recipe("learned rounding on training clips + distil on every training clip, BN frozen, lr x 0.05, "
+           "cosine per step, NPU requantization", kd_temperature=4.0, lr_factor=0.05, **_NPU_REQUANT),
+    Recipe("learned rounding on training clips + distil on every training clip, BN frozen, lr x 0.1, "
+           "cosine per step, NPU requantization", kd_temperature=4.0, lr_factor=0.1, **_NPU_REQUANT),
+    Recipe("learned rounding on training clips + distil (T=2) on every training clip, BN frozen, lr x 0.05, "
+           "cosine per step, NPU requantization", kd_temperature=2.0, lr_factor=0.05, **_NPU_REQUANT),
+    Recipe("learned rounding on training clips + distil (T=2) on every training clip, BN frozen, lr x 0.1, "
+           "cosine per step, NPU requantization", kd_temperature=2.0, lr_factor=0.1, **_NPU_REQUANT),
+    Recipe("learned rounding on training clips + distil (T=1) on every training clip, BN frozen, lr x 0.05, "
+           "cosine per step, NPU requantization", kd_temperature=1.0, lr_factor=0.05, **_NPU_REQUANT),
+    Recipe("learned rounding on training clips + distil (T=2) on every training clip, BN frozen, lr x 0.05, "
+           "cosine per step, NPU requantization, 10 epochs", kd_temperature=2.0, lr_factor=0.05, epochs=10,
+           **_NPU_REQUANT),
 )
 DISTIL_CLIPS = ("course", "all")
 
@@ -183,6 +204,8 @@ def run_recipe(recipe: Recipe, model: nn.Module, feats: training.FeatureSets,
         wrapper = distill.qat_wrapper(init, BITS, epochs, keep_8bit)
         if recipe.match_integer:
             quant.match_integer_model(wrapper)
+        if recipe.exact_requant:
+            quant.match_requantization(wrapper)
         loss = training.course_loss(feats) if recipe.prior_adjusted else None   # None: plain CE
         if recipe.kd_temperature is None:   # quant.qat's steps, unrolled to score the fake-quant model
             history = quant.qat_fit(wrapper, feats, epochs, lr, batch_size, training.set_seed(config.SEED),
@@ -196,7 +219,9 @@ def run_recipe(recipe: Recipe, model: nn.Module, feats: training.FeatureSets,
                 labels=src.train_y if recipe.ce_weight else None, val=(feats.val_x, feats.val_y))
         # the fake-quant model as the integer model computes it (issue 18: it should predict the ONNX)
         fake = quant.match_integer_model(copy.deepcopy(wrapper))
+        fake.apply(disable_observer)   # scoring must not move its ranges (TI's froze them at epoch 3 of 5)
         fake_acc = quant.accuracy(fake, feats.test_x, feats.test_y)
+        quant.plain_layers(wrapper)   # convert() matches layer types exactly; the exact scales stay
         wrapper.convert()   # TI's convert() turns the wrapper itself into the integer model
         scores = score_onnx(wrapper, recipe.name, feats, real, keep_8bit)
         scores.update(gap_record(fake, onnx_path(recipe.name, keep_8bit), feats))

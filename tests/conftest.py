@@ -1,11 +1,13 @@
-"""Shared fixtures: a tiny real synthetic dataset, generated once per test session."""
+"""Shared fixtures: a tiny real synthetic dataset, generated once per test session; a small random DS-CNN."""
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 
-from kws_utils import data, synthetic
+from kws_utils import config, data, model, synthetic
 
 TINY_SPEAKERS = 6     # 4 train, 1 validation, 1 test speaker
 TINY_PER_CLASS = 4
@@ -21,3 +23,12 @@ def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> data.DatasetInfo:
     train, test = synthetic.ensure_synthetic(root / "train", root / "test", TINY_SPEAKERS,
                                              TINY_PER_CLASS, seed=1, workers=1, recipe=FAST_RECIPE)
     return data.DatasetInfo("synthetic", Path(train), Path(test), "tiny synthetic dataset for tests")
+
+
+@pytest.fixture(scope="module")
+def tiny() -> SimpleNamespace:
+    """A small random DS-CNN; 64 calibration and 96 scoring inputs (quantization tests; a module may define its own)."""
+    torch.manual_seed(0)
+    net = model.DSCNN(filters=8).eval()
+    x = torch.randn(160, *config.INPUT_SHAPE) * 8
+    return SimpleNamespace(net=net, calib=x[:64], x=x[64:])

@@ -14,15 +14,6 @@ from torch import nn
 from kws_utils import config, export, model, quant
 
 
-@pytest.fixture(scope="module")
-def tiny() -> SimpleNamespace:
-    """A small random DS-CNN; 64 calibration and 96 scoring inputs."""
-    torch.manual_seed(0)
-    net = model.DSCNN(filters=8).eval()
-    x = torch.randn(160, *config.INPUT_SHAPE) * 8
-    return SimpleNamespace(net=net, calib=x[:64], x=x[64:])
-
-
 def _ptq(backend: ModuleType, tiny: SimpleNamespace, npu_pool: bool) -> nn.Module:
     """A calibrated (not converted) int8 PTQ wrapper of ``backend``."""
     wrapper = backend.TINPUTinyMLPTQFxModule(copy.deepcopy(tiny.net), total_epochs=1,
@@ -134,3 +125,33 @@ def test_prediction_flips_none_and_bad_shapes(tiny: SimpleNamespace) -> None:
     assert quant.top2_margin(np.array([[1.0, 3.0, 3.0], [0.0, 5.0, 1.0]])).tolist() == [0.0, 4.0]
     with pytest.raises(ValueError, match="integer_logits has 3 rows"):
         quant.prediction_flips(net, logits[:3], tiny.x, y)
+
+
+def _ranges(wrapper: nn.Module) -> list[torch.Tensor]:
+    """Every quantizer's scale, copied."""
+    return [m.scale.clone() for m in wrapper.modules() if isinstance(m, torch.ao.quantization.FakeQuantize)]
+
+
+@pytest.mark.parametrize("backend_name", ["course", "ti"])
+def test_calibration_ends_with_calibrate(tiny: SimpleNamespace, backend_name: str) -> None:
+    backend = quant if backend_name == "course" else pytest.importorskip("tinyml_torchmodelopt.quantization")
+    wrapper = _ptq(backend, tiny, npu_pool=True)
+    before = _ranges(wrapper)
+    quant.accuracy(wrapper, tiny.x * 50, torch.zeros(len(tiny.x), dtype=torch.long))   # far wider inputs
+    assert all(torch.equal(a, b) for a, b in zip(before, _ranges(wrapper)))
+
+
+def test_measuring_the_gap_moves_no_range(tiny: SimpleNamespace) -> None:
+    wrapper = quant.TINPUTinyMLQATFxModule(copy.deepcopy(tiny.net), total_epochs=4,
+                                           qconfig_type=quant.qconfig_for(8), example_inputs=tiny.calib[:1])
+    wrapper.train()
+    with torch.no_grad():
+        wrapper(tiny.calib)   # QAT observers stay on: the measurements must not use them
+    wrapper.eval()
+    integer = copy.deepcopy(wrapper).convert()
+    before = _ranges(wrapper)
+    quant.layer_gap(wrapper, integer, tiny.x * 50)
+    with torch.no_grad():
+        logits = integer(tiny.x * 50).numpy()
+    quant.prediction_flips(wrapper, logits, tiny.x * 50, torch.zeros(len(tiny.x), dtype=torch.long))
+    assert all(torch.equal(a, b) for a, b in zip(before, _ranges(wrapper)))

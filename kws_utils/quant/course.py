@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 import torch
 from torch import nn
-from torch.ao.quantization import FakeQuantize
+from torch.ao.quantization import FakeQuantize, disable_observer
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from kws_utils import config, export as kws_export, files, holdout, tinpu_onnx, training
@@ -91,7 +91,7 @@ def _check_calibration(x: object) -> None:
 
 def calibrate(wrapper: TINPUTinyMLQuantFxModule, x: torch.Tensor, batch_size: int = 100,
               seed: int = config.SEED) -> TINPUTinyMLQuantFxModule:
-    """PTQ calibration as TI's KWS example does it: train() (one epoch), forward passes, eval()."""
+    """PTQ calibration as TI's KWS example does it: train() (one epoch), forward passes, eval(); then the ranges stay."""
     training._check_count("batch_size", batch_size, 1)
     _check_calibration(x)
     holdout.refuse_test_inputs(x, "quant.calibrate")
@@ -103,6 +103,9 @@ def calibrate(wrapper: TINPUTinyMLQuantFxModule, x: torch.Tensor, batch_size: in
         for i in range(0, len(x), batch_size):
             wrapper(x[i:i + batch_size].to(device))
     wrapper.eval()
+    # eval() leaves the observers on (in both packages): scoring the calibrated model, on test clips
+    # too, would go on moving its ranges before convert(). Calibration ends here.
+    wrapper.apply(disable_observer)
     return wrapper
 
 
@@ -330,6 +333,7 @@ def quantize_variant(model: nn.Module, feats: Any, bits: int, method: str,
         raise ValueError(f"method {method!r}: use one of {QUANT_METHODS}.")
     # TI's convert() replaces the fake-quantized model in place: measure it first.
     scored = copy.deepcopy(wrapper)
+    scored.apply(disable_observer)   # QAT's may still be on: scoring must not move the copy's ranges
     if match_integer:
         match_integer_model(scored)
     fake_acc = accuracy(scored, feats.test_x, feats.test_y)

@@ -13,12 +13,13 @@ model's.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
-from torch.ao.quantization import FakeQuantize
+from torch.ao.quantization import FakeQuantize, disable_observer
 
 from kws_utils.quant.integer import IntegerModel, _mult_shift, run_layer
 from kws_utils.quant.qconfig import MULT_BITS
@@ -140,6 +141,13 @@ def skip_pass_through_quantizers(wrapper: nn.Module) -> nn.Module:
     return wrapper
 
 
+def _frozen_copy(module: nn.Module) -> nn.Module:
+    """An eval-mode copy whose observers are off: measuring it never moves the given model's ranges."""
+    out = copy.deepcopy(module).eval()
+    out.apply(disable_observer)
+    return out
+
+
 def match_integer_model(wrapper: nn.Module, exact_pool: bool = False) -> nn.Module:
     """``match_npu_pool`` and ``skip_pass_through_quantizers``: the fake-quant model computes what the
     integer model computes, up to rounding ties; returns the wrapper (either backend)."""
@@ -201,7 +209,7 @@ def layer_gap(wrapper: nn.Module, integer_model: IntegerModel, x: torch.Tensor) 
     model (the course's ``wrapper.integer_model`` or ``read_integer_onnx(path)`` for either).
     Each layer runs on the integer model's own inputs, so the differences accumulate as on the NPU.
     """
-    graph = _graph_module(wrapper).eval()
+    graph = _frozen_copy(_graph_module(wrapper))
     fake = _fake_layer_outputs(graph, x)
     if len(fake) != len(integer_model.layers):
         raise ValueError(f"the fake-quant graph has {len(fake)} NPU layers, the integer model "
@@ -258,7 +266,7 @@ def prediction_flips(fake: nn.Module, integer_logits: np.ndarray, x: torch.Tenso
     if integer_logits.shape[0] != len(x) or len(x) != len(y) or len(x) == 0:
         raise ValueError(f"integer_logits has {integer_logits.shape[0]} rows, x {len(x)} and y {len(y)}: give "
                          "the integer model's outputs for exactly these labelled clips (at least one).")
-    fake.eval()
+    fake = _frozen_copy(fake)
     with torch.no_grad():
         fake_pred = torch.cat([fake(x[i:i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)]).numpy()
     int_pred, labels = integer_logits.argmax(1), y.numpy()

@@ -1,0 +1,155 @@
+"""The NPU's requantization in the fake-quant model: the integer bias and the 8-bit multiplier.
+
+Each weighted layer of the integer model computes ``clamp(floor((acc + T) * mult * 2**-shift))``,
+with ``acc`` counted in accumulator units ``a = s_x s_w`` and one integer ``T = round(round(bias / a)
++ half step)`` (TI's rounding). The fake-quant model computes ``round((acc a + bias) / s_y)`` in
+float instead. Two things part them when the weight scales are free (4 and 2 bits):
+
+- the bias and the half step are rounded to whole accumulator units. With ternary weights ``s_w``
+  is large, so one unit is a large part of an output step, or several (notebook 05 prints the range
+  of ``M = a / s_y``), and each channel's outputs move by up to ``M`` steps;
+- ``mult * 2**-shift`` is ``M`` rounded to an 8-bit ``mult`` (at most 0.4 % of ``M``).
+
+``match_requantization`` makes the fake-quant model compute both, as ``match_npu_pool`` does for the
+pool: each layer's output before its ReLU becomes ``(acc + T) * mult * 2**-shift - 1/2`` steps (a
+hair more, so that round-half-to-even rounds exact halves up, as the NPU's floor does). Only the
+fake-quant model changes; scales, integers and ``convert()`` stay as they are. The float bias keeps
+its gradient (straight-through), so QAT on such a wrapper trains the model the NPU runs.
+"""
+from __future__ import annotations
+
+import types
+
+import torch
+import torch.ao.nn.intrinsic.qat as nniqat
+from torch import nn
+from torch.ao.quantization import FakeQuantize
+
+from kws_utils.quant.integer import _fused_float, _mult_shift, _quantize_per_channel
+
+
+PARTS = ("bias", "mult")
+
+
+@torch.no_grad()
+def requant_terms(mod: nn.Module, in_fq: FakeQuantize, out_fq: FakeQuantize,
+                  parts: tuple[str, ...] = PARTS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per channel (ratio, new bias): ``ratio * (y - bias) + new bias`` is the integer layer's output
+    before its clamp, in float (``y``: the fake-quant output before the ReLU, ``bias``: its float bias).
+
+    ``parts``: which of the NPU's two roundings to compute, ``"bias"`` (bias and half step in whole
+    accumulator units) and ``"mult"`` (the 8-bit multiplier); one alone shows what it costs.
+    """
+    s_x = float(in_fq.scale.reshape(-1)[0])
+    s_y = float(out_fq.scale.reshape(-1)[0])
+    _, bias = _fused_float(mod)
+    s_w = mod.weight_fake_quant.scale.detach().reshape(-1).double().expand(len(bias))
+    acc = s_w * s_x                                                   # float64, as convert()
+    q_bias = _quantize_per_channel(bias.float(), acc, torch.qint32).float()
+    half = s_y / 2 / acc.float()
+    # TI rounds once more in float32; without "bias" the float bias and half step stay exact
+    total = torch.round(q_bias + half).double() if "bias" in parts else bias.double() / acc + half.double()
+    mult, shift = _mult_shift((acc / s_y).float())
+    # what the NPU multiplies by; without "mult", M itself
+    m_int = mult.double() * torch.exp2(-shift.double()) if "mult" in parts else acc / s_y
+    steps = total * m_int - 0.5 + torch.exp2(-shift.double() - 1)
+    ratio = m_int * s_y / acc
+    return ratio.float(), (steps * s_y - ratio * bias.double()).float()
+
+
+def _observed(fq: FakeQuantize) -> bool:
+    """True once a quantizer's observer has seen data (its scale is no longer the placeholder)."""
+    low = getattr(fq.activation_post_process, "min_val", None)
+    return low is not None and low.numel() > 0 and bool(torch.isfinite(low).all())
+
+
+def _requantized(mod: nn.Module, y: torch.Tensor) -> torch.Tensor:
+    """``ratio * y + offset`` per output channel of ``mod``, the terms computed without gradient."""
+    bn = getattr(mod, "bn", None)
+    if bn is not None and bn.training:   # batch statistics: convert()'s bias is not this one yet
+        return y
+    in_fq, out_fq, parts = mod.__dict__[_KEY]
+    if not (_observed(in_fq) and _observed(out_fq)):
+        # the output quantizer observes after this layer: on a fresh wrapper its scale is still the
+        # placeholder 1.0, and a moving-average observer would start from outputs built on it
+        return y
+    ratio, offset = requant_terms(mod, in_fq, out_fq, parts)
+    shape = (1, -1, *[1] * (y.dim() - 2))
+    return y * ratio.reshape(shape) + offset.reshape(shape)
+
+
+def _conv_bn_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """ConvBn2d / ConvBnReLU2d: the class's fused conv + BatchNorm, requantized before the ReLU."""
+    return _requantized(self, type(self)._forward(self, x))
+
+
+def _plain_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A QAT Conv2d or Linear with no fused ReLU: its output, requantized."""
+    return _requantized(self, type(self).forward(self, x))
+
+
+_KEY = "_npu_requant"   # where a matched layer keeps its quantizers and parts
+
+
+def _layer_quantizers(graph: torch.fx.GraphModule) -> list[tuple[nn.Module, FakeQuantize, FakeQuantize]]:
+    """(layer, input quantizer, output quantizer) per weighted layer, by convert()'s rule.
+
+    A layer's input scale is the scale of the first quantizer after the layer before it (the
+    model's input quantizer for the first layer): Dropout, Flatten and the pool keep it.
+    """
+    out, scale_fq, pending = [], None, None
+    for node in graph.graph.nodes:
+        mod = graph.get_submodule(node.target) if node.op == "call_module" else None
+        if isinstance(mod, FakeQuantize):
+            if pending is not None:
+                out.append((pending[0], pending[1], mod))
+                scale_fq, pending = mod, None
+            elif scale_fq is None:
+                scale_fq = mod
+        elif hasattr(mod, "weight_fake_quant"):
+            if scale_fq is None or pending is not None:
+                raise ValueError("match_requantization: every weighted layer needs an input and an "
+                                 "output quantizer (a prepared TINPUTinyML*FxModule graph).")
+            pending = (mod, scale_fq)
+    if pending is not None:
+        raise ValueError("match_requantization: the last weighted layer has no output quantizer.")
+    return out
+
+
+def match_requantization(wrapper: nn.Module, parts: tuple[str, ...] = PARTS) -> nn.Module:
+    """The NPU's integer bias and 8-bit multipliers in a wrapper's fake-quant model; returns the wrapper.
+
+    Either backend, before or after calibration and QAT; call ``plain_layers`` before ``convert()``, so that
+    nothing of it reaches the integer model. Needs power-of-2 activation scales (qconfig_for's).
+    ``parts``: both roundings by default; ``("bias",)`` or ``("mult",)`` computes one of them only.
+    """
+    from kws_utils.quant.gap import _graph_module   # gap imports the integer model too
+
+    if isinstance(parts, str) or not set(parts) <= set(PARTS):
+        raise ValueError(f"parts={parts!r}: give a tuple of {PARTS}, e.g. ('bias',).")
+    graph = _graph_module(wrapper)
+    qt = getattr(wrapper, "qconfig_type", None)
+    if not isinstance(qt, dict) or not qt.get("activation", {}).get("power2_scale", True):
+        raise ValueError("match_requantization needs power-of-2 activation scales "
+                         "(qconfig_type['activation']['power2_scale'] True, as quant.qconfig_for gives).")
+    for mod, in_fq, out_fq in _layer_quantizers(graph):
+        # Instance attributes, not a subclass: torch.ao's freeze_bn_stats and convert() match layer
+        # types exactly, so the layer must keep its class.
+        if hasattr(type(mod), "_forward"):
+            mod._forward = types.MethodType(_conv_bn_forward, mod)
+        elif isinstance(mod, (nniqat.ConvReLU2d, nniqat.LinearReLU)):
+            raise NotImplementedError(f"{type(mod).__name__}: a fused ReLU without BatchNorm is not "
+                                      "supported by match_requantization.")
+        else:
+            mod.forward = types.MethodType(_plain_forward, mod)
+        mod.__dict__[_KEY] = (in_fq, out_fq, tuple(parts))   # plain references, not submodules
+    return wrapper
+
+
+def plain_layers(wrapper: nn.Module) -> nn.Module:
+    """Undo ``match_requantization`` (the layers' own forward again); returns the wrapper."""
+    for mod in wrapper.modules():
+        if _KEY in mod.__dict__:
+            for name in (_KEY, "_forward", "forward"):
+                mod.__dict__.pop(name, None)
+    return wrapper
