@@ -102,15 +102,20 @@ def learned_ptq(teacher: nn.Module, bits: int, calib_x: torch.Tensor,
 
 def distil(teacher: nn.Module, init: nn.Module, bits: int, views: list[torch.Tensor],
            val: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tensor, torch.Tensor],
-           schedule: distill.Schedule, temperature: float, run: str, keep_8bit: tuple[str, ...] = ()) -> dict:
+           schedule: distill.Schedule, temperature: float, run: str, keep_8bit: tuple[str, ...] = (),
+           requant: bool = False) -> dict:
     """Label-free distillation from ``init``, ONNX score on the official test set."""
     start = time.perf_counter()
     wrapper = distill.qat_wrapper(init, bits, schedule.epochs, keep_8bit)
+    if requant:   # train the model the NPU runs: its pool and its requantization (scripts/int2_recipes.py)
+        quant.match_requantization(quant.match_integer_model(wrapper))
     history = distill.distill_fit(wrapper, teacher, views, schedule, distill.KDLoss(temperature), val=val)
+    quant.plain_layers(wrapper)
     wrapper.convert()
     out = {"bits": bits, "epochs": schedule.epochs, "lr": schedule.lr, "temperature": temperature,
            "freeze_bn_epoch": schedule.freeze_bn_epoch, "warmup_epochs": schedule.warmup_epochs,
            "start": "learned-rounding PTQ", "backend": type(wrapper).__module__, "weights_8bit": list(keep_8bit),
+           "npu_requantization": requant,
            "val_acc": history.val_acc, "seconds": round(time.perf_counter() - start, 1),
            **score(wrapper, f"{run}_int{bits}_distilled", test)}
     print(f"int{bits} distilled: val {[round(a, 4) for a in history.val_acc]}, "
@@ -145,7 +150,7 @@ def run_seed(args: argparse.Namespace, seed: int, teacher: nn.Module,
                                                   **score(ptq, f"{name}_int{bits}_ptq", test)}
         print(f"seed {seed}, int{bits} learned-rounding PTQ: {out[f'int{bits}_learned_rounding_ptq']}", flush=True)
         out["distilled"].append(distil(teacher, init, bits, views, (val_x, val_y), test, schedule,
-                                       args.temperature, name, keep))
+                                       args.temperature, name, keep, args.requant))
     return out
 
 
@@ -179,6 +184,8 @@ def main() -> None:
                              "the noise crops")
     parser.add_argument("--calib-copies", type=int, default=0,
                         help="augmented copies of each calibration clip (config.CALIB_COPIES in notebook 05)")
+    parser.add_argument("--requant", action="store_true",
+                        help="train through the NPU's pool and requantization (quant.match_requantization)")
     parser.add_argument("--name", default="distill_reference", help="names this run's JSON and ONNX files")
     args = parser.parse_args()
     for name in ("bits", "seeds"):
@@ -195,6 +202,7 @@ def main() -> None:
     result = {"teacher": "MLPerf Tiny reference DS-CNN (float)", "profile": config.profile().name,
               "rounding_iters": config.profile().rounding_iters, "weights_8bit": list(KEEP_8BIT[args.keep_8bit]),
               "epochs": args.epochs, "lr": args.lr, "temperature": args.temperature, "calib_copies": args.calib_copies,
+              "npu_requantization": args.requant,
               "float_real_test_accuracy": quant.accuracy(teacher, *test),
               "scored_on": real_audio.describe_test(), "test_clips": len(test[1]),
               "torch_threads": torch.get_num_threads(), "machine": platform.machine(),

@@ -45,6 +45,9 @@ INPUTS = (
     *((f"distill_reference_int2_copies_lr5e-4_e{n}.json", "05",
        f"{DISTILL} --calib-copies 4 --lr 0.0005 --epochs {n} --name distill_reference_int2_copies_lr5e-4_e{n}")
       for n in (3, 5, 10)),
+    ("distill_reference_int2_copies_lr5e-4_e5_requant.json", "05",
+     f"{DISTILL} --calib-copies 4 --lr 0.0005 --epochs 5 --requant "
+     "--name distill_reference_int2_copies_lr5e-4_e5_requant"),
 )
 
 
