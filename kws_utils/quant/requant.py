@@ -25,7 +25,9 @@ import torch.ao.nn.intrinsic.qat as nniqat
 from torch import nn
 from torch.ao.quantization import FakeQuantize
 
+from kws_utils.quant.gap import _graph_module
 from kws_utils.quant.integer import _fused_float, _mult_shift, _quantize_per_channel
+from kws_utils.quant.rounding import _calibrated
 
 
 PARTS = ("bias", "mult")
@@ -57,19 +59,13 @@ def requant_terms(mod: nn.Module, in_fq: FakeQuantize, out_fq: FakeQuantize,
     return ratio.float(), (steps * s_y - ratio * bias.double()).float()
 
 
-def _observed(fq: FakeQuantize) -> bool:
-    """True once a quantizer's observer has seen data (its scale is no longer the placeholder)."""
-    low = getattr(fq.activation_post_process, "min_val", None)
-    return low is not None and low.numel() > 0 and bool(torch.isfinite(low).all())
-
-
 def _requantized(mod: nn.Module, y: torch.Tensor) -> torch.Tensor:
     """``ratio * y + offset`` per output channel of ``mod``, the terms computed without gradient."""
     bn = getattr(mod, "bn", None)
     if bn is not None and bn.training:   # batch statistics: convert()'s bias is not this one yet
         return y
     in_fq, out_fq, parts = mod.__dict__[_KEY]
-    if not (_observed(in_fq) and _observed(out_fq)):
+    if not (_calibrated(in_fq) and _calibrated(out_fq)):
         # the output quantizer observes after this layer: on a fresh wrapper its scale is still the
         # placeholder 1.0, and a moving-average observer would start from outputs built on it
         return y
@@ -123,8 +119,6 @@ def match_requantization(wrapper: nn.Module, parts: tuple[str, ...] = PARTS) -> 
     nothing of it reaches the integer model. Needs power-of-2 activation scales (qconfig_for's).
     ``parts``: both roundings by default; ``("bias",)`` or ``("mult",)`` computes one of them only.
     """
-    from kws_utils.quant.gap import _graph_module   # gap imports the integer model too
-
     if isinstance(parts, str) or not set(parts) <= set(PARTS):
         raise ValueError(f"parts={parts!r}: give a tuple of {PARTS}, e.g. ('bias',).")
     graph = _graph_module(wrapper)
