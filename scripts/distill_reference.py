@@ -96,7 +96,8 @@ def learned_ptq(teacher: nn.Module, bits: int, calib_x: torch.Tensor,
                                            qconfig_type=quant.qconfig_for(bits, keep_8bit=keep_8bit),
                                            example_inputs=torch.zeros(1, *config.INPUT_SHAPE))
     quant.calibrate(wrapper, calib_x)
-    quant.learn_rounding(wrapper, calib_x, iters=config.profile().rounding_iters, progress=False)
+    quant.learn_rounding(wrapper, calib_x, iters=config.profile().rounding_iters, progress=False,
+                         bias_steps=config.profile().bias_steps)
     return wrapper, distill.float_from_wrapper(wrapper, teacher)
 
 
@@ -200,7 +201,8 @@ def main() -> None:
     teacher = kws_model.reference_model()
     runs = [run_seed(args, seed, teacher, test) for seed in args.seeds]
     result = {"teacher": "MLPerf Tiny reference DS-CNN (float)", "profile": config.profile().name,
-              "rounding_iters": config.profile().rounding_iters, "weights_8bit": list(KEEP_8BIT[args.keep_8bit]),
+              "rounding_iters": config.profile().rounding_iters, "bias_steps": config.profile().bias_steps,
+              "weights_8bit": list(KEEP_8BIT[args.keep_8bit]),
               "epochs": args.epochs, "lr": args.lr, "temperature": args.temperature, "calib_copies": args.calib_copies,
               "npu_requantization": args.requant,
               "float_real_test_accuracy": quant.accuracy(teacher, *test),

@@ -312,7 +312,7 @@ def main() -> None:
               "scored_on": [f"{info.kind} test split", real_audio.describe_test() if real else None],
               "torch_threads": torch.get_num_threads(), "machine": platform.machine(), "weights_8bit": list(keep),
               "learned_rounding": {"steps": prof.rounding_iters, "reg": quant.rounding.REG,
-                                   "lr": quant.rounding.LR},
+                                   "lr": quant.rounding.LR, "bias_steps": prof.bias_steps},
               **baselines(model, feats, real, calib, keep), "recipes": []}
     path = results_path(prof.name, info.kind, args.keep_8bit)
     rows = kept_rows(path, result, {r.name for r in chosen})

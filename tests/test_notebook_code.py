@@ -215,3 +215,29 @@ def test_notebook04_prior_adjusted_loss_is_the_package_loss() -> None:
     mine, package = ns["PriorAdjustedLoss"](ratio)(logits, labels), training.PriorAdjustedLoss(ratio)(logits, labels)
     torch.testing.assert_close(mine, package, rtol=0, atol=0)
     assert not torch.isclose(mine, nn.functional.cross_entropy(logits, labels))
+
+
+def test_notebook05_bias_tuning_loop_is_the_package_loop() -> None:
+    import copy
+
+    from kws_utils import quant
+
+    (source,) = marked_cells("05_int8_int4_int2_export.ipynb", "tune_biases")
+    ns = run_cells([source], {})
+    torch.manual_seed(0)
+    net = model.DSCNN(filters=8).eval()
+    x = torch.randn(64, *config.INPUT_SHAPE) * 8
+    wrapper = quant.TINPUTinyMLPTQFxModule(net, total_epochs=1, qconfig_type=quant.qconfig_for(2),
+                                           example_inputs=x[:1])
+    quant.match_integer_model(wrapper)
+    quant.calibrate(wrapper, x)
+    with torch.no_grad():
+        teacher = net(x)
+    by_hand, package = copy.deepcopy(wrapper), copy.deepcopy(wrapper)
+    biases = ns["tune_biases_by_hand"](by_hand, x, teacher, steps=30, seed=2)
+    kl_before, kl_after = quant.tune_biases(package, x, teacher, steps=30, seed=2)
+    assert kl_after < kl_before, "the package kept its start: nothing to compare"
+    expected = quant.requant._bias_holders(package.module)
+    assert len(biases) == len(expected)
+    for got, want in zip(biases, expected):
+        torch.testing.assert_close(got.detach(), want.detach(), rtol=0, atol=0)

@@ -98,3 +98,89 @@ def test_layers_keep_their_class(tiny: SimpleNamespace) -> None:
     assert not any(m.bn.training for m in wrapper.modules() if hasattr(m, "bn"))
     quant.plain_layers(wrapper)
     assert not any("forward" in m.__dict__ or "_forward" in m.__dict__ for m in wrapper.modules())
+
+
+def _ptq_int2(tiny: SimpleNamespace, backend: ModuleType = quant, qconfig_type: dict | None = None) -> nn.Module:
+    """A calibrated int2 PTQ wrapper of the tiny DS-CNN (not converted)."""
+    wrapper = backend.TINPUTinyMLPTQFxModule(copy.deepcopy(tiny.net), total_epochs=1,
+                                             qconfig_type=qconfig_type or quant.qconfig_for(2),
+                                             example_inputs=tiny.calib[:1])
+    quant.match_integer_model(wrapper)
+    return quant.calibrate(wrapper, tiny.calib)
+
+
+def _teacher(tiny: SimpleNamespace) -> torch.Tensor:
+    """The float model's logits on the calibration inputs."""
+    with torch.no_grad():
+        return tiny.net.eval()(tiny.calib)
+
+
+@pytest.mark.parametrize("backend", [b for _, b in _backends()], ids=[n for n, _ in _backends()])
+def test_tune_biases_lowers_the_kl_and_moves_only_biases(tiny: SimpleNamespace, backend: ModuleType) -> None:
+    wrapper = _ptq_int2(tiny, backend)
+    before_state = {k: v.clone() for k, v in wrapper.state_dict().items()}
+    ints = [quant.rounding.integer_weight(m) for _, m in quant.rounding.weighted_layers(wrapper.module)]
+    flags = [p.requires_grad for p in wrapper.parameters()]
+    kl_before, kl_after = quant.tune_biases(wrapper, tiny.calib, _teacher(tiny), steps=60)
+    assert kl_after < kl_before
+    with torch.no_grad():   # the figure it returns is the KL of the wrapper it leaves
+        assert quant.match_requantization(wrapper) is wrapper
+        got = float(quant.requant._kl(wrapper(tiny.calib), _teacher(tiny)))
+        quant.plain_layers(wrapper)
+    assert got == pytest.approx(kl_after, rel=1e-5)
+    moved = {k for k, v in wrapper.state_dict().items() if not torch.equal(v, before_state[k])}
+    assert moved and all(k.endswith("bias") for k in moved), moved
+    assert all(torch.equal(quant.rounding.integer_weight(m), q)
+               for (_, m), q in zip(quant.rounding.weighted_layers(wrapper.module), ints))
+    assert not any(quant.requant._KEY in m.__dict__ for m in wrapper.modules())   # undone
+    assert [p.requires_grad for p in wrapper.parameters()] == flags
+
+
+def test_tune_biases_keeps_what_it_cannot_improve(tiny: SimpleNamespace) -> None:
+    wrapper = _ptq_int2(tiny)
+    state = {k: v.clone() for k, v in wrapper.state_dict().items()}
+    kl_before, kl_after = quant.tune_biases(wrapper, tiny.calib, _teacher(tiny), steps=5, lr=1e3)
+    assert kl_after == kl_before
+    assert all(torch.equal(v, state[k]) for k, v in wrapper.state_dict().items())
+
+
+def test_tune_biases_keeps_the_callers_matching(tiny: SimpleNamespace) -> None:
+    wrapper = quant.match_requantization(_ptq_int2(tiny))
+    quant.tune_biases(wrapper, tiny.calib, _teacher(tiny), steps=5)
+    assert any(quant.requant._KEY in m.__dict__ for m in wrapper.modules())
+
+
+def test_tune_biases_skips_and_refuses(tiny: SimpleNamespace) -> None:
+    affine = _ptq_int2(tiny, qconfig_type=quant.with_affine_activations(quant.qconfig_for(2)))
+    state = {k: v.clone() for k, v in affine.state_dict().items()}
+    assert quant.tune_biases(affine, tiny.calib, _teacher(tiny), steps=20) is None   # no exact integer model
+    assert all(torch.equal(v, state[k]) for k, v in affine.state_dict().items())
+    fresh = quant.TINPUTinyMLPTQFxModule(copy.deepcopy(tiny.net), total_epochs=1,
+                                         qconfig_type=quant.qconfig_for(2), example_inputs=tiny.calib[:1])
+    with pytest.raises(RuntimeError, match="calibrat"):
+        quant.tune_biases(fresh, tiny.calib, _teacher(tiny), steps=1)
+    wrapper = _ptq_int2(tiny)
+    with pytest.raises(ValueError, match="steps"):
+        quant.tune_biases(wrapper, tiny.calib, _teacher(tiny), steps=-1)
+    with pytest.raises(ValueError, match="teacher_logits"):
+        quant.tune_biases(wrapper, tiny.calib, _teacher(tiny)[:3], steps=1)
+    with pytest.raises(ValueError, match="bias_steps"):
+        quant.learn_rounding(wrapper, tiny.calib, iters=2, bias_steps=-1, progress=False)
+
+
+def test_learn_rounding_ends_with_bias_tuning(tiny: SimpleNamespace) -> None:
+    runs = {}
+    for steps in (0, 40):
+        wrapper = _ptq_int2(tiny)
+        quant.learn_rounding(wrapper, tiny.calib, iters=20, bias_steps=steps, progress=False)
+        runs[steps] = wrapper
+    pairs = list(zip(quant.rounding.weighted_layers(runs[0].module), quant.rounding.weighted_layers(runs[40].module)))
+    # the same integers (the block stage is seeded), other biases, and a lower KL to the float logits
+    assert all(torch.equal(quant.rounding.integer_weight(a), quant.rounding.integer_weight(b)) for (_, a), (_, b) in pairs)
+    assert any(not torch.equal(a.bn.bias, b.bn.bias) for (_, a), (_, b) in pairs if hasattr(a, "bn"))
+    kls = {}
+    for steps, wrapper in runs.items():
+        with torch.no_grad():
+            quant.match_requantization(wrapper)
+            kls[steps] = float(quant.requant._kl(wrapper(tiny.calib), _teacher(tiny)))
+    assert kls[40] < kls[0]

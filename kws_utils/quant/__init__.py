@@ -14,7 +14,7 @@ Modules, by concern (``kws_utils.export`` never imports this package, so there i
     integer    IntLayer, IntegerModel, build_integer_model, requantization constants
     wrappers   TINPUTinyML*FxModule, TinyMLModelQConfigFormat, quant_backend()
     gap        the NPU's pool in the fake-quant model (match_npu_pool); fake-quant vs integer per layer
-    requant    the NPU's requantization in the fake-quant model: integer bias, 8-bit multipliers
+    requant    the NPU's requantization in the fake-quant model (integer bias, 8-bit multipliers); bias tuning
     course     helpers of notebooks 04-06 (ptq, qat, quantize_variant, ...)
 
 Workflow (both QAT and PTQ)::
@@ -48,7 +48,8 @@ pooling divisor also with power-of-2 scales), and the weight observers ``'mse'``
 integer model computes: the pool's 1-bit ``1/64`` for 125 positions and no re-rounding after
 Dropout/Flatten; ``match_requantization(wrapper)`` adds the NPU's requantization (the bias and half step in
 whole accumulator units, the 8-bit ``mult``), after which the convolutions give the integer model's outputs;
-``layer_gap`` measures what is left, layer by layer, and ``prediction_flips`` counts the clips whose class it
+``tune_biases`` trains the biases through it (learned rounding's last stage); ``layer_gap`` measures what
+is left, layer by layer, and ``prediction_flips`` counts the clips whose class it
 changes.
 
 Numbers (TI's): weights are symmetric, ``[-(2**(b-1) - 1), 2**(b-1) - 1]`` (int8 [-127, 127],
@@ -86,5 +87,5 @@ from kws_utils.quant.course import (QUANT_METHODS, VariantResult, accuracy, cali
                                     fold_batchnorm, integer_module, is_ti, onnx_check,
                                     packed_weight_bytes, ptq, qat, qat_fit, quantize_variant,
                                     schedule_state, stable_conv_bn, variant_onnx_path)
-from kws_utils.quant.requant import match_requantization, plain_layers, requant_terms
+from kws_utils.quant.requant import match_requantization, plain_layers, requant_terms, tune_biases
 from kws_utils.quant.rounding import LayerRounding, layer_errors, learn_rounding, ptq_learned

@@ -190,7 +190,7 @@ def rounded_start(model: nn.Module, bits: int, calib_x: torch.Tensor,
         example_inputs=torch.zeros(1, *config.INPUT_SHAPE))
     course.calibrate(wrapper, calib_x)
     rounding.learn_rounding(wrapper, calib_x, iters=iters or config.profile().rounding_iters,
-                            progress=False)
+                            progress=False, bias_steps=config.profile().bias_steps)
     return float_from_wrapper(wrapper, model)
 
 

@@ -25,6 +25,13 @@ from kws_utils.quant.integer import IntegerModel, _mult_shift, run_layer
 from kws_utils.quant.qconfig import MULT_BITS
 
 
+def _calibrated(fq: FakeQuantize) -> bool:
+    """True once the quantizer's observer has recorded a finite range."""
+    obs = fq.activation_post_process
+    lo = getattr(obs, "min_val", None)
+    return lo is not None and lo.numel() > 0 and bool(torch.isfinite(lo).all())
+
+
 def pool_gain(area: int, mult_bits: int) -> float:
     """area * mult * 2**-shift: what the NPU's pool multiplies the mean by (125/64 at 1 bit, 125)."""
     if not isinstance(area, int) or area < 1:

@@ -7,7 +7,10 @@ pointwise conv after it, learned jointly as in BRECQ, Li et al. 2021; other laye
 with the input the *quantized* network really produces, matches the float network's output on a
 few hundred unlabeled inputs. It also refits each layer's bias (bias correction). Scales stay the calibrated
 ones: the learned integers are written back as float weights that round exactly onto them, so
-the unchanged ``convert()`` and ``export()`` produce the same TI integer form.
+the unchanged ``convert()`` and ``export()`` produce the same TI integer form. Last, the biases of the
+whole network are tuned once more through the NPU's requantization, against the float model's
+logits (``requant.tune_biases``): the blocks are fitted alone and in float, and the NPU's whole-unit
+biases and every block's leftover error meet only in the logits.
 
 Usage (between calibration and convert)::
 
@@ -30,7 +33,8 @@ from torch.ao.quantization import FakeQuantize, disable_fake_quant, disable_obse
 
 from kws_utils import config, holdout
 from kws_utils.progress import bar as progress_bar
-from kws_utils.quant import course, qconfig, wrappers
+from kws_utils.quant import course, qconfig, requant, wrappers
+from kws_utils.quant.gap import _calibrated
 
 # Rectified sigmoid of AdaRound: stretched to (GAMMA, ZETA) and clipped to [0, 1], so that the
 # rounding variable can reach exactly 0 or 1 with a non-zero gradient on the way.
@@ -54,7 +58,10 @@ LR = 3e-2
 
 @dataclass
 class LayerRounding:
-    """What learned rounding did to one layer (errors relative to the float output's power)."""
+    """What learned rounding did to one layer (errors relative to the float output's power).
+
+    Errors are measured when its block is done, before the final bias-tuning stage.
+    """
 
     name: str
     nearest_error: float     # relative MSE of its block's output with round-to-nearest weights
@@ -86,13 +93,6 @@ def _graph(wrapper: nn.Module) -> torch.fx.GraphModule:
 def _is_weight_fq(module: nn.Module, fq: FakeQuantize) -> bool:
     """True for a layer's weight quantizer (activation quantizers are graph nodes)."""
     return any(getattr(m, "weight_fake_quant", None) is fq for m in module.modules())
-
-
-def _calibrated(fq: FakeQuantize) -> bool:
-    """True once the quantizer's observer has recorded a finite range."""
-    obs = fq.activation_post_process
-    lo = getattr(obs, "min_val", None)
-    return lo is not None and lo.numel() > 0 and bool(torch.isfinite(lo).all())
 
 
 def weighted_layers(module: torch.fx.GraphModule) -> list[tuple[str, nn.Module]]:
@@ -356,11 +356,19 @@ def _check_inputs(inputs: torch.Tensor, iters: int, batch_size: int) -> None:
 
 def learn_rounding(wrapper: nn.Module, inputs: torch.Tensor, iters: int = 500,
                    batch_size: int = 32, lr: float = LR, reg: float = REG,
-                   seed: int = config.SEED, progress: bool = True) -> list[LayerRounding]:
-    """Learn each weight's rounding (and bias) of a calibrated PTQ wrapper; ready for convert()."""
+                   seed: int = config.SEED, progress: bool = True,
+                   bias_steps: int = config.BIAS_STEPS) -> list[LayerRounding]:
+    """Learn each weight's rounding (and bias) of a calibrated PTQ wrapper; ready for convert().
+
+    Block by block as above; then ``bias_steps`` steps of ``requant.tune_biases``: the biases of the
+    whole network through the NPU's requantization against the float model's logits (0: skip it).
+    """
     holdout.refuse_test_inputs(inputs, "quant.learn_rounding")
     module = _graph(wrapper)
     _check_inputs(inputs, iters, batch_size)
+    if isinstance(bias_steps, bool) or not isinstance(bias_steps, int) or bias_steps < 0:
+        raise ValueError(f"bias_steps={bias_steps!r}: give the number of bias-tuning steps, a whole "
+                         "number >= 0 (0 skips the stage).")
     module.apply(disable_observer)   # calibration ends here: scales must not move any more
     blocks = _blocks(module)
     names = [n for n, _ in weighted_layers(module)]
@@ -407,6 +415,9 @@ def learn_rounding(wrapper: nn.Module, inputs: torch.Tensor, iters: int = 500,
             for (name, m), q, q0 in zip(block, (l[0] for l in learned), nearest):
                 flipped = float((integer_weight(m) != q0).float().mean())
                 report.append(LayerRounding(name, before, after, flipped))
+    # Each block was fitted alone, in float: the NPU's rounded biases and the errors of all blocks
+    # meet only in the logits, so the biases are tuned once more on the whole integer network.
+    requant.tune_biases(wrapper, inputs, requant._logits(fp, inputs), bias_steps, seed=seed)
     return report
 
 
@@ -437,6 +448,6 @@ def ptq_learned(model: nn.Module, bits: int, calib_x: torch.Tensor, iters: int |
     course.match_integer_model(wrapper)
     course.calibrate(wrapper, calib_x)
     learn_rounding(wrapper, calib_x, iters=iters or config.profile().rounding_iters,
-                   progress=progress, seed=seed)
+                   progress=progress, seed=seed, bias_steps=config.profile().bias_steps)
     wrapper.convert()
     return wrapper
